@@ -1,0 +1,1 @@
+"""The parallel core: models, parallel layers, data, checkpoints. Pure torch; knows nothing of RL, Ray or vLLM."""

@@ -1,0 +1,34 @@
+"""The `rl` command line: one sub-command per module in rl/commands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each module in rl.commands exposes `register(subparsers)`; the parser it adds sets `func(args) -> int`.
+COMMANDS = ["pretrain", "data", "convert"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rl",
+        description="tandem-rl: pretraining and post-training for LLMs on a Megatron-style parallel core.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"rl.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

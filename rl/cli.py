@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from core.errors import InputError
+
 # Each module in rl.commands exposes `register(subparsers)`; the parser it adds sets `func(args) -> int`.
 COMMANDS = ["pretrain", "data", "convert"]
 
@@ -27,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except InputError as e:
+        # Bad input: one line, exit code 2, before any work starts.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,136 @@
+"""Atomic training checkpoints: checkpoints/step_N, written under a temporary name and then renamed.
+
+A checkpoint directory holds
+  model/ and optim/   torch.distributed.checkpoint (DCP) shards of the model and optimizer state
+  trainer.pt          step, scheduler, RNG states and data position (rank 0's view plus per-rank RNG)
+  COMPLETE            written last, inside the temporary directory, before the rename
+A crash or SIGKILL at any point leaves either the previous good checkpoint or a `.tmp-*` directory that
+`latest_checkpoint` ignores and the next save removes, never a half-written `step_N`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from core.errors import InputError
+
+STEP_RE = re.compile(r"^step_(\d+)$")
+MARKER = "COMPLETE"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under root, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = STEP_RE.match(child.name)
+        if m and (child / MARKER).is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1][1] if ckpts else None
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_tree(path: Path) -> None:
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model_state: dict[str, Any],
+    optim_state: dict[str, Any] | None,
+    trainer_state: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
+    """Writes checkpoints/step_N atomically; every rank calls it (DCP is collective)."""
+    root = Path(root)
+    final = root / f"step_{step}"
+    tmp = root / f".tmp-step_{step}"
+    if _is_rank0():
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    dcp.save(model_state, checkpoint_id=str(tmp / "model"))
+    if optim_state is not None:
+        dcp.save(optim_state, checkpoint_id=str(tmp / "optim"))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save({"rng": rng_state()}, tmp / f"rng_rank{rank}.pt")
+    _barrier()
+    if _is_rank0():
+        torch.save(trainer_state, tmp / "trainer.pt")
+        (tmp / MARKER).write_text(f"{step}\n")
+        _fsync_tree(tmp)
+        if final.exists():  # a re-save of the same step after a resume: replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for _, path in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(
+    path: str | Path, model_state: dict[str, Any], optim_state: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Loads in place into the given (already sharded) state dicts; returns trainer state with this rank's RNG."""
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        raise InputError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
+    dcp.load(model_state, checkpoint_id=str(path / "model"))
+    if optim_state is not None:
+        dcp.load(optim_state, checkpoint_id=str(path / "optim"))
+    trainer_state = torch.load(path / "trainer.pt", weights_only=False)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = path / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        trainer_state["rng"] = torch.load(rng_file, weights_only=False)["rng"]
+    return trainer_state

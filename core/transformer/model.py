@@ -1,0 +1,194 @@
+"""GPTModel: embedding -> decoder layers -> final norm -> vocab-parallel output head.
+
+Parameter names (stable across pipeline splits: layers are keyed by their global index):
+    embedding.word_embeddings.weight                     (V/tp, H)
+    embedding.position_embeddings.weight                 (max_pos, H)        learned positions only
+    layers.{i}.input_norm.{weight,bias}
+    layers.{i}.self_attention.linear_qkv.{weight,bias}   fused QKV, layout in attention.py
+    layers.{i}.self_attention.{q_norm,k_norm}.weight     qk_norm only
+    layers.{i}.self_attention.linear_proj.{weight,bias}
+    layers.{i}.pre_mlp_norm.{weight,bias}
+    layers.{i}.mlp.linear_fc1.{weight,bias}              fused gate/up (SwiGLU), layout in mlp.py
+    layers.{i}.mlp.linear_fc2.{weight,bias}
+    layers.{i}.mlp.router.weight                         MoE: (E, H)
+    layers.{i}.mlp.experts.{w_gate_up,w_down}            MoE: (E, 2F, H), (E, H, F)
+    final_norm.{weight,bias}
+    output_layer.weight                                  (V/tp, H); the embedding's weight when tied
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+from core.transformer.attention import (
+    RopeCache,
+    SelfAttention,
+    build_attention_mask,
+    position_ids_from_segments,
+)
+from core.transformer.config import TransformerConfig
+from core.transformer.mlp import MLP
+from core.transformer.moe import MoE
+from core.transformer.norm import LayerNorm, RMSNorm, build_norm
+from core.transformer.rope import rope_cos_sin, rope_inv_freq
+
+# Output projections of each residual branch: initialised with std / sqrt(2 * num_layers) (GPT-2, Megatron).
+_RESIDUAL_OUT = ("linear_proj.weight", "linear_fc2.weight", "experts.w_down")
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: TransformerConfig, tp_group: dist.ProcessGroup | None = None):
+        super().__init__()
+        self.word_embeddings = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, tp_group=tp_group
+        )
+        self.position_embeddings: nn.Embedding | None = None
+        if config.position_embedding == "learned":
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            self.position_embeddings.weight.tp_dim = None
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids, position_ids (B, T) -> (B, T, H)."""
+        h = self.word_embeddings(input_ids)
+        if self.position_embeddings is not None:
+            h = h + self.position_embeddings(position_ids)
+        return h
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: TransformerConfig, tp_group: dist.ProcessGroup | None = None):
+        super().__init__()
+        self.input_norm = build_norm(config, config.hidden_size)
+        self.self_attention = SelfAttention(config, tp_group)
+        self.pre_mlp_norm = build_norm(config, config.hidden_size)
+        self.mlp = MoE(config) if config.is_moe else MLP(config, tp_group)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RopeCache | None,
+        mask: torch.Tensor | None,
+        token_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H)."""
+        x = x + self.self_attention(self.input_norm(x), rope, mask)
+        h = self.pre_mlp_norm(x)
+        return x + (self.mlp(h, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+
+class GPTModel(nn.Module):
+    """Decoder-only LM, or one pipeline stage of it.
+
+    layer_range=(start, end) builds global layers [start, end). pre_process: owns the embedding and takes
+    input_ids; otherwise takes hidden_states (B, T, H). post_process: owns final norm and output head and
+    returns vocab-local logits (B, T, V/tp); otherwise returns hidden states (B, T, H).
+    After forward, `aux_loss` is this stage's share of moe_aux_loss_coeff * mean over all layers of the
+    load-balancing loss (zero for dense models), so that the stages' shares add up to the model's.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        tp_group: dist.ProcessGroup | None = None,
+        layer_range: tuple[int, int] | None = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+    ):
+        super().__init__()
+        self.config = config
+        self.pre_process, self.post_process = pre_process, post_process
+        start, end = layer_range or (0, config.num_layers)
+        if not 0 <= start <= end <= config.num_layers:
+            raise ValueError(f"layer_range={layer_range} is outside [0, {config.num_layers}]")
+        if pre_process:
+            self.embedding = Embedding(config, tp_group)
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, tp_group) for i in range(start, end)})
+        if post_process:
+            self.final_norm = build_norm(config, config.hidden_size)
+            self.output_layer = ColumnParallelLinear(
+                config.hidden_size, config.vocab_size, bias=False, tp_group=tp_group
+            )
+            if config.tie_embeddings and pre_process:
+                # Same (V/tp, H) shard on both sides; a tied last stage alone keeps its own copy.
+                self.output_layer.weight = self.embedding.word_embeddings.weight
+        self.aux_loss: torch.Tensor | None = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Weights ~ N(0, init_std) (residual outputs scaled by 1/sqrt(2L)), biases 0; norms keep scale 1."""
+        out_std = self.config.init_std / math.sqrt(2 * self.config.num_layers)
+        for module_name, module in self.named_modules():
+            if isinstance(module, RMSNorm | LayerNorm):
+                continue
+            for name, p in module.named_parameters(recurse=False):
+                if name == "bias":
+                    nn.init.zeros_(p)
+                else:
+                    residual_out = f"{module_name}.{name}".endswith(_RESIDUAL_OUT)
+                    nn.init.normal_(p, std=out_std if residual_out else self.config.init_std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        *,
+        hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) [first stage] or hidden_states (B, T, H) [later stages].
+
+        attention_mask (B, T): 1 = token, 0 = padding. segment_ids (B, T): document ids of packed rows, no
+        attention across documents; position_ids then default to restarting per document (else 0..T-1).
+        Returns logits (B, T, V/tp) on the last stage, else hidden states (B, T, H).
+        """
+        x = self._stage_input(input_ids, hidden_states)
+        B, T = x.shape[:2]
+        if position_ids is None:
+            position_ids = (
+                position_ids_from_segments(segment_ids)
+                if segment_ids is not None
+                else torch.arange(T, device=x.device).expand(B, T)
+            )
+        if self.pre_process:
+            x = self.embedding(input_ids, position_ids)
+        rope = self._rope(position_ids, x.dtype)
+        mask = build_attention_mask(T, attention_mask, segment_ids, self.config.sliding_window, x.device)
+        for layer in self.layers.values():
+            x = layer(x, rope, mask, attention_mask)
+        self.aux_loss = self._aux_loss(x)
+        if not self.post_process:
+            return x
+        return self.output_layer(self.final_norm(x))
+
+    def _stage_input(
+        self, input_ids: torch.Tensor | None, hidden_states: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.pre_process:
+            if input_ids is None:
+                raise ValueError("the first pipeline stage takes input_ids")
+            return input_ids
+        if hidden_states is None:
+            raise ValueError("a pipeline stage without pre_process takes hidden_states")
+        return hidden_states
+
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> RopeCache | None:
+        cfg = self.config
+        if cfg.position_embedding != "rope":
+            return None
+        return rope_cos_sin(
+            position_ids, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), dtype
+        )
+
+    def _aux_loss(self, x: torch.Tensor) -> torch.Tensor:
+        moes = [layer.mlp for layer in self.layers.values() if isinstance(layer.mlp, MoE)]
+        total = sum((m.aux_loss for m in moes), torch.zeros((), device=x.device))
+        return self.config.moe_aux_loss_coeff * total / self.config.num_layers

@@ -7,8 +7,10 @@ them (rl/config.py). Defaults live here, once. Keys users and scripts rely on: `
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -26,7 +28,9 @@ class RunConfig(Schema):
 class TrainConfig(Schema):
     max_steps: int = Field(100, ge=1, description="optimizer steps to run in total (resume continues to it)")
     seed: int = Field(1234, ge=0)
-    micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward on one data-parallel rank")
+    micro_batch_size: int = Field(
+        8, ge=1, description="sequences per forward/backward on one data-parallel rank"
+    )
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
@@ -73,3 +77,12 @@ class PrecisionConfig(Schema):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast where the device supports it, fp32 on CPU"
     )
+
+
+def dump_config(config: BaseModel, path: str | Path) -> None:
+    """Writes the resolved config as YAML (atomically) so that a run records what it ran."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ValidationError
 
+from core.config import dump_config  # noqa: F401  (re-exported for commands)
 from core.errors import InputError
 
 S = TypeVar("S", bound=BaseModel)
@@ -100,12 +101,3 @@ def load_config(schema: type[S], path: str | Path | None, overrides: list[str] |
         return schema.model_validate(to_container(cfg))
     except ValidationError as e:
         raise InputError(format_validation_error(schema, e, str(path or "config"))) from None
-
-
-def dump_config(config: BaseModel, path: str | Path) -> None:
-    """Writes the resolved config as YAML (atomically) so that a run records what it ran."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)

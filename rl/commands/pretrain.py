@@ -14,8 +14,12 @@ same run.dir resumes from the newest checkpoint in it."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a model (next-token prediction)", description=HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a model (next-token prediction)",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("config", help="YAML recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.set_defaults(func=run)

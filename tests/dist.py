@@ -6,7 +6,8 @@
 
     results = run_distributed(check, 2, 0.5)                      # [rank0_result, rank1_result]
 
-Workers are spawned (fresh interpreters: safe with OpenMP and any state of the parent), use one
+Workers are forked from a fork server (a clean process started once, with torch imported, so they
+inherit no threads or process groups from the test process and skip the torch import), use one
 thread each, rendezvous over TCP on a free 127.0.0.1 port, and write their result (or traceback) to a
 temporary directory. The first failing rank stops the whole world and its traceback is raised here;
 a world that outlives `timeout` is killed and raises TimeoutError. Keep worlds few and tensors tiny:
@@ -28,6 +29,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+# The fork server imports these once; every rank is then forked from it (a clean, thread-free
+# process) instead of paying a fresh torch import (seconds on a busy machine) per rank and per world.
+_PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "torch.nn.functional",
+    "pytest",
+    "core.parallel",
+    "core.tensor_parallel",
+]
 
 
 class DistributedTestError(RuntimeError):
@@ -99,10 +111,13 @@ def run_distributed(
     *args: Any,
     timeout: float = 120.0,
     backend: str = "gloo",
+    start_method: str = "forkserver",
 ) -> list[Any]:
     """Run fn(rank, world_size, *args) on `world_size` processes after init_process_group; return
     the per-rank results in rank order. fn and args must be picklable (fn defined at module level)."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(_PRELOAD)
     with tempfile.TemporaryDirectory(prefix="dist_test_") as out_dir:
         out = Path(out_dir)
         port = free_port()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -196,6 +198,8 @@ def test_blend_achieves_weights(tmp_path: Path) -> None:
         (str(tmp_path / "a"), 0.3),
         (str(tmp_path / "b"), 0.7),
     ]
+    copy = pickle.loads(pickle.dumps(blend))  # e.g. sent to a DataLoader or Ray worker
+    assert copy[500]["input_ids"].tolist() == blend[500]["input_ids"].tolist()
     with pytest.raises(InputError, match="weights must be positive"):
         BlendedDataset([small, large], [1.0, 0.0])
 
@@ -278,6 +282,14 @@ def test_missing_tokenizer_path_is_named(tmp_path: Path) -> None:
         load_tokenizer(tmp_path / "nope")
 
 
+def test_broken_tokenizer_config_is_named(tmp_path: Path, corpus) -> None:
+    broken = tmp_path / "tok"
+    shutil.copytree(corpus.tokenizer, broken)
+    (broken / "tokenizer_config.json").write_text('{"tokenizer_class": ')
+    with pytest.raises(InputError, match=f"^{broken / 'tokenizer_config.json'}:1: invalid JSON"):
+        load_tokenizer(broken)
+
+
 def test_arithmetic_tokenizer_loads_with_auto_tokenizer(corpus) -> None:
     from transformers import AutoTokenizer
 
@@ -293,6 +305,7 @@ def test_arithmetic_tokenizer_loads_with_auto_tokenizer(corpus) -> None:
     assert ids[0] == tokenizer.bos_token_id and len(ids) == 9  # <bos> + one token per character
     assert tokenizer.decode(ids, skip_special_tokens=True) == "12+34=46"
     assert tokenizer.decode(tokenizer("7-8=-1")["input_ids"][1:]) == "7-8=-1"
+    assert load_tokenizer(corpus.tokenizer)("12+34=46")["input_ids"] == ids  # the fast path agrees
 
 
 def test_chat_template_falls_back_to_default(corpus) -> None:

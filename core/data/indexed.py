@@ -132,6 +132,12 @@ class IndexedDataset:
         # (total tokens,) every document back to back; document i starts at pointers[i] // itemsize
         self.tokens = _map_bin(bin_path, self.dtype, self.sizes, self.pointers)
 
+    def __getstate__(self) -> dict[str, Path]:
+        return {"prefix": self.prefix}  # re-mapped on unpickling, never copied through a pipe
+
+    def __setstate__(self, state: dict[str, Path]) -> None:
+        self.__init__(state["prefix"])
+
     def __len__(self) -> int:
         return len(self.sizes)
 

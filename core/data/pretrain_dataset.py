@@ -19,10 +19,9 @@ Padding labels hold `pad_id` (a valid token id, so any cross-entropy kernel acce
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -30,7 +29,17 @@ import torch
 from core.data.indexed import IndexedDataset
 from core.errors import InputError
 
+T = TypeVar("T")
 Sample = dict[str, np.ndarray]  # input_ids, labels, loss_mask, position_ids, segment_ids: each (S,)
+
+
+def _cached(cache: dict[int, T], epoch: int, build: Callable[[int], T], size: int = 2) -> T:
+    """Per-epoch tables, the latest `size` kept (a plain dict, so datasets stay picklable for workers)."""
+    if epoch not in cache:
+        if len(cache) >= size:
+            cache.pop(next(iter(cache)))
+        cache[epoch] = build(epoch)
+    return cache[epoch]
 
 
 class SampleDataset(Protocol):
@@ -69,7 +78,7 @@ class PackedDataset:
                 f"{indexed.prefix}: needs at least 2 tokens to make a sample, has {self.num_tokens}"
             )
         self.samples_per_epoch = -(-(self.num_tokens - 1) // seq_len)
-        self._layout = functools.lru_cache(maxsize=4)(self._epoch_layout)
+        self._layouts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def _documents_missing_eos(self) -> np.ndarray:
         sizes = self.indexed.sizes
@@ -82,8 +91,11 @@ class PackedDataset:
             missing[nonempty] = self.indexed.tokens[last] != self.eos_id
         return missing
 
-    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(doc order (n,), stream offsets (n + 1,)): document order[j] starts at offsets[j] in the stream."""
+        return _cached(self._layouts, epoch, self._epoch_layout)
+
+    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         order = np.random.default_rng([self.seed, epoch]).permutation(self._doc_ids)
         offsets = np.zeros(len(order) + 1, dtype=np.int64)
         np.cumsum(self._doc_lengths[order], out=offsets[1:])
@@ -257,7 +269,10 @@ class PretrainBatches:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.consumed_samples = start_sample
         self._epoch_size = len(dataset)
-        self._permutation = functools.lru_cache(maxsize=2)(self._epoch_permutation)
+        self._permutations: dict[int, np.ndarray] = {}
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return _cached(self._permutations, epoch, self._epoch_permutation)
 
     def _epoch_permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self._epoch_size)

@@ -5,6 +5,7 @@ transformers is imported inside the functions: it pulls in half of torch, and `i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,11 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+# Classes that are exactly "a tokenizer.json with special tokens": loaded without AutoTokenizer, whose
+# import (model auto-classes, generation, torch.distributed) costs ~5x more than the tokenizer itself.
+GENERIC_TOKENIZER_CLASSES = (None, "PreTrainedTokenizerFast", "TokenizersBackend")
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """A HF tokenizer from a local directory (tokenizer.json + tokenizer_config.json) or tokenizer.json file.
 
@@ -32,17 +38,37 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: tokenizer path not found")
+    generic = path.is_dir() and _tokenizer_class(path) in GENERIC_TOKENIZER_CLASSES
     try:
         if path.is_file():
             from transformers import PreTrainedTokenizerFast
 
             return PreTrainedTokenizerFast(tokenizer_file=str(path))
+        if generic and (path / "tokenizer.json").is_file():
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
         reason = " ".join(str(e).split())
         raise InputError(f"{path}: cannot load tokenizer: {reason}") from e
+
+
+def _tokenizer_class(directory: Path) -> str | None:
+    config_path = directory / "tokenizer_config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{config_path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    if not isinstance(config, dict):
+        raise InputError(f"{config_path}: expected a JSON object")
+    if "auto_map" in config:  # custom code: only AutoTokenizer knows what to do (and will refuse it)
+        return "auto_map"
+    return config.get("tokenizer_class")
 
 
 def validate_messages(messages: Any, where: str = "messages") -> list[dict[str, str]]:

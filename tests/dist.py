@@ -72,15 +72,14 @@ def _worker(
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
         )
-        try:
-            result = fn(rank, world_size, *args)
-        finally:
-            dist.destroy_process_group()
+        result = fn(rank, world_size, *args)
+        dist.destroy_process_group()
         torch.save(result, out / f"rank{rank}.tmp")
         os.replace(out / f"rank{rank}.tmp", out / f"rank{rank}.pt")  # the parent never reads half a file
     except BaseException:
+        # Written before any teardown, so this root cause predates the peers' broken-connection errors.
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise SystemExit(1) from None
+        os._exit(1)  # no group teardown: peers blocked in a collective are killed by the parent
 
 
 def _first_error(out: Path, procs: list[mp.Process]) -> str | None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.distributed as dist
-from dist import run_distributed
+from dist import DistributedTestError, run_distributed
 
 from core.errors import InputError
 from core.parallel import (
@@ -206,3 +206,18 @@ def test_all_reduce_over_each_group_sums_exactly_its_ranks() -> None:
     assert [r["first_last"] for r in tp_pp] == [(True, False), (True, False), (False, True), (False, True)]
     assert [r["pp_next"] for r in tp_pp] == [2, 3, 0, 1]
     assert [r["pp_prev"] for r in tp_pp] == [2, 3, 0, 1]
+
+
+# ---- the harness itself -------------------------------------------------------------------------------------
+
+
+def _rank1_fails_while_rank0_waits(rank: int, world_size: int) -> None:
+    if rank == 1:
+        raise ValueError("boom from rank 1")
+    dist.barrier()  # would wait forever for rank 1: the harness must stop it
+
+
+@pytest.mark.slow
+def test_harness_raises_the_failing_ranks_traceback_without_hanging() -> None:
+    with pytest.raises(DistributedTestError, match=r"rank 1 of 2 failed(.|\n)*ValueError: boom from rank 1"):
+        run_distributed(_rank1_fails_while_rank0_waits, 2, timeout=120)

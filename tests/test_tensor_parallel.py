@@ -24,6 +24,8 @@ from core.tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     allreduce_sequence_parallel_grads,
+    init_tp_param_,
+    normal_init,
     seed_model_parallel,
     vocab_parallel_cross_entropy,
     vocab_parallel_entropy,
@@ -150,6 +152,9 @@ def _init_case(tp_group) -> dict[str, torch.Tensor]:
     for name, layer in layers.items():
         layer.reset_parameters(gen)
         out[f"{name}.generator"] = layer.weight.detach().clone()
+    for name, layer in layers.items():  # what a model's own reset_parameters loop calls
+        init_tp_param_(layer.weight, normal_init(0.5), tp_group, gen)
+        out[f"{name}.init_tp_param_"] = layer.weight.detach().clone()
     return out
 
 

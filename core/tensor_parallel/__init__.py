@@ -3,7 +3,14 @@ from core.tensor_parallel.cross_entropy import (
     vocab_parallel_entropy,
     vocab_parallel_logprobs,
 )
-from core.tensor_parallel.init import InitMethod, init_sharded_, normal_init, scaled_normal_init
+from core.tensor_parallel.init import (
+    InitMethod,
+    full_shape,
+    init_sharded_,
+    init_tp_param_,
+    normal_init,
+    scaled_normal_init,
+)
 from core.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -22,7 +29,9 @@ __all__ = [
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "allreduce_sequence_parallel_grads",
+    "full_shape",
     "init_sharded_",
+    "init_tp_param_",
     "normal_init",
     "scaled_normal_init",
     "seed_model_parallel",

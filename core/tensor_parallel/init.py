@@ -59,3 +59,25 @@ def init_sharded_(
     if local.shape != param.shape:
         raise ValueError(f"shard shape {tuple(local.shape)} != parameter shape {tuple(param.shape)}")
     param.copy_(local)
+
+
+def full_shape(param: torch.Tensor, tp_group: dist.ProcessGroup | None) -> tuple[int, ...]:
+    """The unsharded shape of a parameter: its `tp_dim` (if any) times the tp size."""
+    shape = list(param.shape)
+    tp_dim = getattr(param, "tp_dim", None)
+    if tp_dim is not None:
+        shape[tp_dim] *= group_size(tp_group)
+    return tuple(shape)
+
+
+def init_tp_param_(
+    param: torch.Tensor,
+    init_method: InitMethod,
+    tp_group: dist.ProcessGroup | None,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Drop-in for `init_method(param)` on a possibly tp-sharded parameter (reads `param.tp_dim`):
+    the same full weight at every tp. Use it in a model's reset_parameters loop."""
+    init_sharded_(
+        param, full_shape(param, tp_group), getattr(param, "tp_dim", None), tp_group, init_method, generator
+    )

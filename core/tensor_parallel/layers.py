@@ -4,6 +4,7 @@ Contract used by the model code (it never branches on tp):
 - ColumnParallelLinear(in, out): weight (out // tp, in); output (..., out // tp) unless gather_output.
 - RowParallelLinear(in, out): weight (out, in // tp); input (..., in // tp); output all-reduced (..., out).
 - VocabParallelEmbedding(vocab, dim): weight (vocab // tp, dim); output (..., dim) all-reduced.
+- allreduce_sequence_parallel_grads(model, tp_group) after backward when sequence_parallel is on.
 Parameters carry `tp_dim` (the dim that is sharded, or None) so that checkpoints and the bridge can
 gather or shard them without knowing the layer type.
 

@@ -94,7 +94,6 @@ class PretrainConfig(Schema):
 @dataclass
 class TrainerState:
     step: int = 0
-    consumed_samples: int = 0
     tokens_seen: int = 0
 
 

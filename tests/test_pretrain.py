@@ -1,0 +1,142 @@
+"""`rl pretrain` end to end on the CPU: falling loss, run-directory contents, HF export parity, and resume
+after SIGKILL giving exactly the losses of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from algorithms.pretrain import PretrainConfig, Trainer, run_pretrain
+from core.utils.metrics import read_metrics
+from rl.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs/pretrain_tiny.yaml"
+# Small enough for a few seconds per run on 2 cores; same code paths as the demo.
+FAST = [
+    "model.hidden_size=64",
+    "model.num_attention_heads=2",
+    "model.num_kv_heads=1",
+    "model.ffn_hidden_size=128",
+    "data.seq_len=32",
+    "data.synthetic.n_train=2000",
+    "data.synthetic.n_eval=50",
+    "eval.num_problems=20",
+    "train.micro_batch_size=8",
+    "train.grad_accum_steps=2",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.progress_bar=false",
+    "optim.warmup_steps=2",
+]
+
+
+def rl_pretrain(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "rl.cli", "pretrain", str(TINY), *FAST, f"run.dir={run_dir}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def losses(run_dir: Path) -> list[tuple[int, float, float, float]]:
+    return [(r["step"], r["train/loss"], r["train/grad_norm"], r["train/lr"]) for r in read_metrics(run_dir)]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    steps = ["train.max_steps=12", "train.save_every=3"]
+    reference = tmp_path / "reference"
+    finish(rl_pretrain(reference, *steps))
+
+    killed = tmp_path / "killed"
+    proc = rl_pretrain(killed, *steps)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "step_6").exists():  # killed mid-run, after two checkpoints
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "hf").exists()
+    finish(rl_pretrain(killed, *steps))  # same command: resumes from the newest checkpoint
+
+    assert losses(killed) == losses(reference)  # bitwise: model, optimizer, scheduler, RNG, data position
+    assert [r["step"] for r in read_metrics(killed)] == list(range(1, 13))
+    ref_final = torch.load(reference / "checkpoints/step_12/trainer.pt", weights_only=False)
+    assert ref_final["data"]["consumed_samples"] == 12 * 2 * 8
+
+
+def test_run_directory_export_and_falling_loss(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = load_config(PretrainConfig, TINY, [*FAST, f"run.dir={run_dir}", "train.max_steps=30", "optim.lr=3e-3"])
+    run_pretrain(cfg)
+    rows = read_metrics(run_dir)
+    first, last = rows[0]["train/loss"], rows[-1]["train/loss"]
+    assert last < 0.7 * first, (first, last)
+    for key in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "eval/accuracy", "eval/loss"):
+        assert key in rows[-1], key
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.png").is_file()
+    assert any((run_dir / "tensorboard").iterdir())
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_30"]
+    assert load_config(PretrainConfig, run_dir / "config.yaml") == cfg
+
+    # The HF export loads in transformers and gives our model's logits.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trainer = Trainer(cfg)  # resumes the finished run: the trained weights
+    hf = AutoModelForCausalLM.from_pretrained(run_dir / "hf", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(run_dir / "hf")
+    ids = torch.tensor([tok("12+34=46")["input_ids"], tok("98+76=17")["input_ids"]])
+    with torch.no_grad():
+        ours = trainer.model.eval()(ids)
+        theirs = hf(ids).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_bad_paths_exit_2_and_write_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = rl_pretrain(run_dir, "model.init_from=/nonexistent/model")
+    out = finish_code(proc, 2)
+    assert out.strip().splitlines()[-1] == "error: model.init_from: no HF checkpoint (config.json) at /nonexistent/model"
+    assert not run_dir.exists()
+    proc = rl_pretrain(run_dir, "data.synthetic=null", "data.datasets=[{path: /nope/corpus}]", "data.tokenizer=/nope/tok")
+    assert "tokenizer path not found: /nope/tok" in finish_code(proc, 2)
+    assert not run_dir.exists()
+
+
+def finish_code(proc: subprocess.Popen, code: int) -> str:
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == code, out[-3000:]
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_metrics_rows_are_json(tmp_path):
+    from core.utils.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    for step in range(1, 6):
+        log.log(step, {"train/loss": torch.tensor(1.0 / step)})
+    log.close()
+    log = MetricsLogger(tmp_path, resume_step=3, tensorboard=False)  # resumed at 3: rows 4, 5 are dropped
+    log.log(4, {"train/loss": 0.5})
+    log.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["train/loss"] == 0.5

@@ -1,0 +1,143 @@
+"""`rl bench train`: training throughput (tokens/s, MFU) of our GPTModel next to plain transformers + torch,
+both measured in the same process on the same device, shapes and optimizer.
+
+FLOPs per token follow the PaLM/Megatron accounting: 6 * (non-embedding params + output head) for the
+matmuls plus 6 * num_layers * seq_len * hidden for causal attention scores and values (12*L*T*H halved by
+the causal mask). Both rows use the same formula, so their ratio is the speed-up.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+
+import torch
+
+from core.transformer.config import TransformerConfig
+
+# Dense bf16 peak (datasheet, SXM) by device-name fragment; MFU is left blank for unknown devices.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+@dataclass
+class BenchResult:
+    name: str
+    tokens_per_s: float
+    step_s: float
+    mfu: float | None
+    peak_mem_gib: float | None
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
+    h, L = config.hidden_size, config.num_layers
+    q = config.num_attention_heads * config.head_dim
+    kv = 2 * config.num_kv_heads * config.head_dim
+    ffn = config.moe_ffn_hidden_size * config.moe_top_k if config.is_moe else config.ffn_hidden_size
+    mlp = (3 if config.activation == "swiglu" else 2) * h * ffn
+    per_layer = h * (q + kv) + q * h + mlp
+    matmul_params = L * per_layer + h * config.vocab_size
+    return 6.0 * matmul_params + 6.0 * L * seq_len * q
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step_fn, device: torch.device, warmup: int, steps: int) -> float:
+    """Mean seconds per step after `warmup` untimed steps."""
+    for _ in range(warmup):
+        step_fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step_fn()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def ours_step_fn(config, batch, device, dtype, compile_model: bool):
+    from core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+    from core.transformer.model import GPTModel
+
+    model = GPTModel(config).to(device=device, dtype=dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    forward = torch.compile(model) if compile_model else model
+    input_ids, labels = batch
+
+    def step():
+        logits = forward(input_ids)  # (B, T, V)
+        loss = vocab_parallel_cross_entropy(logits, labels, None).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, model
+
+
+def hf_step_fn(config, batch, device, dtype, compile_model: bool):
+    from transformers import AutoModelForCausalLM
+
+    from core.models import infer_architecture
+
+    arch = infer_architecture(config)
+    hf_config = arch.hf_config_from(config)
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in hf_config.items() if k != "architectures"})
+    cfg._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    forward = torch.compile(model) if compile_model else model
+    input_ids, labels = batch
+
+    def step():
+        logits = forward(input_ids=input_ids).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, model
+
+
+def run_one(
+    name, builder, config, seq_len, batch_size, device, dtype, compile_model, warmup, steps
+) -> BenchResult:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), generator=g).to(device)
+    batch = (ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step, model = builder(config, batch, device, dtype, compile_model)
+    step_s = time_steps(step, device, warmup, steps)
+    tokens_per_s = batch_size * seq_len / step_s
+    peak = peak_flops(device)
+    mfu = tokens_per_s * flops_per_token(config, seq_len) / peak if peak else None
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    del model, step
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return BenchResult(name, tokens_per_s, step_s, mfu, mem)
+
+
+def format_table(results: list[BenchResult], baseline: str) -> str:
+    base = next((r for r in results if r.name == baseline), None)
+    lines = [
+        f"{'implementation':<32} {'tokens/s':>12} {'step s':>9} {'MFU':>7} {'peak GiB':>9} {'vs base':>8}"
+    ]
+    for r in results:
+        mfu = f"{100 * r.mfu:6.1f}%" if r.mfu is not None else "    n/a"
+        mem = f"{r.peak_mem_gib:9.1f}" if r.peak_mem_gib is not None else "      n/a"
+        ratio = f"{r.tokens_per_s / base.tokens_per_s:7.2f}x" if base else "       "
+        lines.append(f"{r.name:<32} {r.tokens_per_s:12,.0f} {r.step_s:9.3f} {mfu} {mem} {ratio}")
+    return "\n".join(lines)

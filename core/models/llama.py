@@ -224,12 +224,13 @@ def llama_tiny() -> TransformerConfig:
 
 
 def llama_1b() -> TransformerConfig:
+    """The ~1B Llama-like shape of the GPU baseline in ENVIRONMENT.md (multi-head attention)."""
     return TransformerConfig(
         vocab_size=32000,
         hidden_size=2048,
         num_layers=16,
         num_attention_heads=16,
-        num_kv_heads=8,
+        num_kv_heads=16,
         ffn_hidden_size=5632,
         max_position_embeddings=4096,
     )

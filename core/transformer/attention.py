@@ -14,7 +14,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, tp_size
+from core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    normal_init,
+    scaled_normal_init,
+    tp_size,
+)
 from core.transformer.config import TransformerConfig
 from core.transformer.norm import RMSNorm
 from core.transformer.rope import apply_rope
@@ -75,17 +81,23 @@ class SelfAttention(nn.Module):
         self.n_heads_local = self.n_kv_local * self.group_size
         qkv_out = config.num_kv_heads * (self.group_size + 2) * config.head_dim
         self.linear_qkv = ColumnParallelLinear(
-            config.hidden_size, qkv_out, bias=config.qkv_bias, tp_group=tp_group
+            config.hidden_size,
+            qkv_out,
+            bias=config.qkv_bias,
+            tp_group=tp_group,
+            init_method=normal_init(config.init_std),
         )
         self.linear_proj = RowParallelLinear(
             config.num_attention_heads * config.head_dim,
             config.hidden_size,
             bias=config.attn_out_bias,
             tp_group=tp_group,
+            init_method=scaled_normal_init(config.init_std, config.num_layers),
         )
         if config.qk_norm:
-            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
-            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+            # Each rank normalises only its own heads: the norm weights' gradients are summed over tp.
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps, partial_over=tp_group)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps, partial_over=tp_group)
         self.qk_norm = config.qk_norm
 
     def forward(

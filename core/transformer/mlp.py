@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, normal_init, scaled_normal_init
 from core.transformer.config import TransformerConfig
 
 
@@ -36,9 +36,19 @@ class MLP(nn.Module):
         self.gated = config.activation == "swiglu"
         fc1_out = 2 * ffn if self.gated else ffn
         self.linear_fc1 = ColumnParallelLinear(
-            config.hidden_size, fc1_out, bias=config.mlp_bias, tp_group=tp_group
+            config.hidden_size,
+            fc1_out,
+            bias=config.mlp_bias,
+            tp_group=tp_group,
+            init_method=normal_init(config.init_std),
         )
-        self.linear_fc2 = RowParallelLinear(ffn, config.hidden_size, bias=config.mlp_bias, tp_group=tp_group)
+        self.linear_fc2 = RowParallelLinear(
+            ffn,
+            config.hidden_size,
+            bias=config.mlp_bias,
+            tp_group=tp_group,
+            init_method=scaled_normal_init(config.init_std, config.num_layers),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, H) -> (B, T, H)."""

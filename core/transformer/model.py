@@ -18,13 +18,11 @@ Parameter names (stable across pipeline splits: layers are keyed by their global
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+from core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, init_tp_param_, normal_init
 from core.transformer.attention import (
     RopeCache,
     SelfAttention,
@@ -34,23 +32,22 @@ from core.transformer.attention import (
 from core.transformer.config import TransformerConfig
 from core.transformer.mlp import MLP
 from core.transformer.moe import MoE
-from core.transformer.norm import LayerNorm, RMSNorm, build_norm
+from core.transformer.norm import build_norm
 from core.transformer.rope import rope_cos_sin, rope_inv_freq
-
-# Output projections of each residual branch: initialised with std / sqrt(2 * num_layers) (GPT-2, Megatron).
-_RESIDUAL_OUT = ("linear_proj.weight", "linear_fc2.weight", "experts.w_down")
 
 
 class Embedding(nn.Module):
     def __init__(self, config: TransformerConfig, tp_group: dist.ProcessGroup | None = None):
         super().__init__()
+        init = normal_init(config.init_std)
         self.word_embeddings = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, tp_group=tp_group
+            config.vocab_size, config.hidden_size, tp_group=tp_group, init_method=init
         )
         self.position_embeddings: nn.Embedding | None = None
         if config.position_embedding == "learned":
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
             self.position_embeddings.weight.tp_dim = None
+            init_tp_param_(self.position_embeddings.weight, init, tp_group=None)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """input_ids, position_ids (B, T) -> (B, T, H)."""
@@ -113,27 +110,16 @@ class GPTModel(nn.Module):
         if post_process:
             self.final_norm = build_norm(config, config.hidden_size)
             self.output_layer = ColumnParallelLinear(
-                config.hidden_size, config.vocab_size, bias=False, tp_group=tp_group
+                config.hidden_size,
+                config.vocab_size,
+                bias=False,
+                tp_group=tp_group,
+                init_method=normal_init(config.init_std),
             )
             if config.tie_embeddings and pre_process:
                 # Same (V/tp, H) shard on both sides; a tied last stage alone keeps its own copy.
                 self.output_layer.weight = self.embedding.word_embeddings.weight
         self.aux_loss: torch.Tensor | None = None
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Weights ~ N(0, init_std) (residual outputs scaled by 1/sqrt(2L)), biases 0; norms keep scale 1."""
-        out_std = self.config.init_std / math.sqrt(2 * self.config.num_layers)
-        for module_name, module in self.named_modules():
-            if isinstance(module, RMSNorm | LayerNorm):
-                continue
-            for name, p in module.named_parameters(recurse=False):
-                if name == "bias":
-                    nn.init.zeros_(p)
-                else:
-                    residual_out = f"{module_name}.{name}".endswith(_RESIDUAL_OUT)
-                    nn.init.normal_(p, std=out_std if residual_out else self.config.init_std)
 
     def forward(
         self,

@@ -12,16 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.tensor_parallel import InitMethod, init_tp_param_, normal_init, scaled_normal_init
 from core.transformer.config import TransformerConfig
 from core.transformer.mlp import swiglu
 
 
-def _param(shape: tuple[int, ...], ep_dim: int | None = None) -> nn.Parameter:
+def _param(shape: tuple[int, ...], init_method: InitMethod, ep_dim: int | None = None) -> nn.Parameter:
+    """A parameter replicated over tp (tp_dim=None), drawn as init_tp_param_ draws (fp32 on CPU)."""
     p = nn.Parameter(torch.empty(shape))
     p.tp_dim = None
     if ep_dim is not None:
         p.ep_dim = ep_dim
-    nn.init.normal_(p, std=0.02)
+    init_tp_param_(p, init_method, tp_group=None)
     return p
 
 
@@ -41,7 +43,7 @@ class Router(nn.Module):
         super().__init__()
         self.top_k = config.moe_top_k
         self.norm_topk_prob = config.moe_norm_topk_prob
-        self.weight = _param((config.num_experts, config.hidden_size))
+        self.weight = _param((config.num_experts, config.hidden_size), normal_init(config.init_std))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, H) -> probs (N, E) fp32, top_weights (N, k) fp32, top_idx (N, k)."""
@@ -56,8 +58,9 @@ class Experts(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         E, H, F_ = config.num_experts, config.hidden_size, config.moe_ffn_hidden_size
-        self.w_gate_up = _param((E, 2 * F_, H), ep_dim=0)  # rows pairwise-interleaved gate/up, as in mlp.py
-        self.w_down = _param((E, H, F_), ep_dim=0)
+        # w_gate_up rows are pairwise-interleaved gate/up, as in mlp.py.
+        self.w_gate_up = _param((E, 2 * F_, H), normal_init(config.init_std), ep_dim=0)
+        self.w_down = _param((E, H, F_), scaled_normal_init(config.init_std, config.num_layers), ep_dim=0)
 
     def forward(self, x: torch.Tensor, top_weights: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
         """x (N, H), top_weights/top_idx (N, k) -> sum over chosen experts of weight * expert(x), (N, H)."""

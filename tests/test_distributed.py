@@ -41,7 +41,7 @@ BUCKET_MB = 0.01  # ~2.6k fp32 elements per bucket: the tiny model splits into s
 ATOL = 1e-6
 
 
-def _tiny_gpt() -> nn.Module:
+def _tiny_gpt(device: torch.device) -> nn.Module:
     """Same weights on every call (seeded). Not copy.deepcopy: it drops the tp_dim/ep_dim attributes."""
     from core.transformer.config import TransformerConfig
     from core.transformer.model import GPTModel
@@ -50,17 +50,18 @@ def _tiny_gpt() -> nn.Module:
     cfg = TransformerConfig(
         vocab_size=V, hidden_size=16, num_layers=2, num_attention_heads=2, ffn_hidden_size=32, num_experts=4
     )
-    return GPTModel(cfg)
+    return GPTModel(cfg).to(device)
 
 
-def _global_batch(step: int) -> list[dict[str, torch.Tensor]]:
+def _global_batch(step: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
     """DP * MICRO micro-batches, identical on every rank; rank r runs micro-batches r*MICRO ... ."""
     g = torch.Generator().manual_seed(100 + step)
     batches = []
     for _ in range(DP * MICRO):
         ids = torch.randint(0, V, (B, T + 1), generator=g)
         mask = (torch.rand(B, T, generator=g) > 0.3).float()  # uneven token counts across ranks
-        batches.append({"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": mask})
+        mb = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": mask}
+        batches.append({k: v.to(device) for k, v in mb.items()})
     return batches
 
 
@@ -76,7 +77,7 @@ def _n_tokens(batches: list[dict[str, torch.Tensor]]) -> float:
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    return max((a[k].float().cpu() - b[k].float().cpu()).abs().max().item() for k in a)
 
 
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -116,7 +117,7 @@ def _dp_backward(
     """batches[mine] with no_sync on all but the last; returns their share of the global-batch loss."""
     n = _n_tokens(batches)
     local = batches[mine]
-    total = torch.zeros(())
+    total = torch.zeros((), device=local[0]["loss_mask"].device)
     for i, mb in enumerate(local):
         with ddp.no_sync() if i < len(local) - 1 else nullcontext():
             loss = _loss_sum(ddp, mb) / n
@@ -125,12 +126,12 @@ def _dp_backward(
     return total
 
 
-def _check_ddp_grads(rank: int, groups: Any) -> dict[str, Any]:
+def _check_ddp_grads(rank: int, groups: Any, device: torch.device) -> dict[str, Any]:
     """(a) main_grads after no_sync + sync micro-batch = reference grads; buckets overlap backward;
     (d) the replicated-path global norm = the reference norm."""
-    ref = _tiny_gpt()
+    ref = _tiny_gpt(device)
     ddp = DistributedDataParallel(
-        _tiny_gpt(), groups.dp_group, expert_dp_group=groups.edp_group, bucket_size_mb=BUCKET_MB
+        _tiny_gpt(device), groups.dp_group, expert_dp_group=groups.edp_group, bucket_size_mb=BUCKET_MB
     )
     launched_before_embedding_backward: list[int] = []
 
@@ -138,7 +139,7 @@ def _check_ddp_grads(rank: int, groups: Any) -> dict[str, Any]:
         out.register_hook(lambda _: launched_before_embedding_backward.append(ddp.num_buckets_launched))
 
     ddp.module.embedding.register_forward_hook(count_when_embedding_grad_starts)
-    batches = _global_batch(0)
+    batches = _global_batch(0, device)
     _reference_backward(ref, batches)
     ddp.zero_grad_buffer()
     _dp_backward(ddp, batches, _rank_slice(rank))
@@ -163,8 +164,9 @@ def _check_ddp_grads(rank: int, groups: Any) -> dict[str, Any]:
 def _dist_opt_step(
     ddp: DistributedDataParallel, opt: DistributedOptimizer, step: int, rank: int, groups: Any
 ) -> tuple[float, float]:
+    device = opt.shards[0].master.device
     opt.zero_grad()
-    loss = _dp_backward(ddp, _global_batch(step), _rank_slice(rank))
+    loss = _dp_backward(ddp, _global_batch(step, device), _rank_slice(rank))
     ddp.finish_grad_sync()
     norm = opt.clip_grad_norm_(MAX_NORM, tp_group=groups.tp_group)
     opt.step()
@@ -174,19 +176,19 @@ def _dist_opt_step(
 
 def _reference_step(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> tuple[float, float]:
     opt.zero_grad()
-    loss = _reference_backward(model, _global_batch(step))
+    loss = _reference_backward(model, _global_batch(step, next(model.parameters()).device))
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
     opt.step()
     return loss, norm.item()
 
 
-def _check_distributed_optimizer(rank: int, groups: Any) -> dict[str, Any]:
+def _check_distributed_optimizer(rank: int, groups: Any, device: torch.device) -> dict[str, Any]:
     """(b) ZeRO-1 AdamW = torch AdamW for STEPS steps (with clipping: (d) sharded norm);
     (c) its full state dict loads into a single-process optimizer that continues identically."""
-    ref = _tiny_gpt()
+    ref = _tiny_gpt(device)
     ref_opt = _reference_adamw(ref)
     ddp = DistributedDataParallel(
-        _tiny_gpt(),
+        _tiny_gpt(device),
         groups.dp_group,
         expert_dp_group=groups.edp_group,
         bucket_size_mb=BUCKET_MB,
@@ -216,36 +218,39 @@ def _check_distributed_optimizer(rank: int, groups: Any) -> dict[str, Any]:
     model_state = {k: v.clone() for k, v in ddp.module.state_dict().items()}
     _dist_opt_step(ddp, opt, STEPS, rank, groups)  # step 4 at dp2 (collective: both ranks)
     if rank == 0:
-        out["resume_diff"] = _resume_at_dp1(model_state, full, _params(ddp.module))
+        out["resume_diff"] = _resume_at_dp1(model_state, full, _params(ddp.module), device)
     return out
 
 
 def _resume_at_dp1(
-    model_state: dict[str, torch.Tensor], full: dict[str, Any], dp2_params: dict[str, torch.Tensor]
+    model_state: dict[str, torch.Tensor],
+    full: dict[str, Any],
+    dp2_params: dict[str, torch.Tensor],
+    device: torch.device,
 ) -> float:
     """Load the dp2 checkpoint into a single process (no groups), take step 4, compare to dp2's."""
-    model = _tiny_gpt()
+    model = _tiny_gpt(device)
     model.load_state_dict(model_state)
     ddp = DistributedDataParallel(model, None)
     opt = MainGradAdamW(ddp, weight_decay_groups(model, WD), lr=LR, betas=BETAS)
     opt.load_full_state_dict(full)
     opt.zero_grad()
-    _dp_backward(ddp, _global_batch(STEPS), slice(None))  # dp1: every micro-batch here
+    _dp_backward(ddp, _global_batch(STEPS, device), slice(None))  # dp1: every micro-batch here
     opt.clip_grad_norm_(MAX_NORM)
     opt.step()
     return _max_diff(_params(model), dp2_params)
 
 
-def _check_grad_scaler(rank: int, groups: Any) -> dict[str, Any]:
+def _check_grad_scaler(rank: int, groups: Any, device: torch.device) -> dict[str, Any]:
     """(e) an inf on rank 1 only makes both ranks skip and back off; a clean step unscales."""
     scaler = DynamicGradScaler(2.0**10, growth_interval=2)
-    grads = [torch.full((3,), 8.0), torch.full((2,), 4.0)]
+    grads = [torch.full((3,), 8.0, device=device), torch.full((2,), 4.0, device=device)]
     if rank == 1:
         grads[1][0] = float("inf")
     found_inf = scaler.unscale_(grads, [groups.tp_group, groups.dp_group])
     scaler.update(found_inf)
     scale_after_inf = scaler.scale
-    clean = [torch.full((3,), 8.0)]
+    clean = [torch.full((3,), 8.0, device=device)]
     clean_found = scaler.unscale_(clean, [groups.tp_group, groups.dp_group])
     scaler.update(clean_found)
     return {
@@ -257,20 +262,29 @@ def _check_grad_scaler(rank: int, groups: Any) -> dict[str, Any]:
     }
 
 
-def _dp_world(rank: int, world_size: int) -> dict[str, Any]:
+def _dp_world(rank: int, world_size: int, backend: str = "gloo") -> dict[str, Any]:
     from core.parallel import ParallelDims, build_groups
 
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity, as on the CPU
     groups = build_groups(ParallelDims(dp=world_size, world_size=world_size), rank)
     return {
-        "ddp": _check_ddp_grads(rank, groups),
-        "dist_opt": _check_distributed_optimizer(rank, groups),
-        "scaler": _check_grad_scaler(rank, groups),
+        "ddp": _check_ddp_grads(rank, groups, device),
+        "dist_opt": _check_distributed_optimizer(rank, groups, device),
+        "scaler": _check_grad_scaler(rank, groups, device),
     }
 
 
-@pytest.fixture(scope="module")
-def world() -> list[dict[str, Any]]:
-    return run_distributed(_dp_world, DP, timeout=300)
+@pytest.fixture(scope="module", params=["gloo", pytest.param("nccl", marks=pytest.mark.gpu)])
+def world(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    """The 2-rank world: gloo on the CPU; the same checks with NCCL on 2 GPUs where there are two."""
+    backend = request.param
+    if backend == "nccl" and torch.cuda.device_count() < DP:
+        pytest.skip(f"needs {DP} CUDA devices")
+    return run_distributed(_dp_world, DP, backend, timeout=300, backend=backend)
 
 
 # ---- multi-process tests ----------------------------------------------------------------------------

@@ -25,16 +25,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from core.config import OptimConfig
 from core.distributed.buffers import Bucket, GradBuffer, all_gather_single, group_size
 from core.distributed.clip import clip_grad_norm_
 from core.distributed.ddp import DistributedDataParallel
+
+if TYPE_CHECKING:  # only read here: keeps the parallel core importable without pydantic
+    from core.config import OptimConfig
 
 _NOT_PER_ELEMENT = ("step", "master_param")
 

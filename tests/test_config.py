@@ -69,8 +69,15 @@ def test_bad_yaml_names_file_and_line(tmp_path):
 
 def test_cli_exits_2_with_one_line_before_any_work(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "rl.cli", "pretrain", str(ROOT / "configs/pretrain_tiny.yaml"),
-           f"run.dir={run_dir}", "train.max_stpes=3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rl.cli",
+        "pretrain",
+        str(ROOT / "configs/pretrain_tiny.yaml"),
+        f"run.dir={run_dir}",
+        "train.max_stpes=3",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [

@@ -31,7 +31,9 @@ from core.distributed import (
     DistributedOptimizer,
     DynamicGradScaler,
     MainGradAdamW,
+    allreduce_sequence_parallel_main_grads,
     clip_grad_norm_,
+    global_grad_norm,
     weight_decay_groups,
 )
 
@@ -241,6 +243,38 @@ def _resume_at_dp1(
     return _max_diff(_params(model), dp2_params)
 
 
+def _check_bf16_distributed_optimizer(rank: int, groups: Any, device: torch.device) -> dict[str, Any]:
+    """bf16 params, fp32 main_grads and masters: ZeRO-1's sharded masters equal the replicated
+    optimizer's on one process, and the bf16 params it all-gathers are exactly the masters rounded."""
+    ref = _tiny_gpt(device).bfloat16()
+    ref_ddp = DistributedDataParallel(ref, None)
+    ref_opt = MainGradAdamW(ref_ddp, weight_decay_groups(ref, WD), lr=LR, betas=BETAS)
+    model = _tiny_gpt(device).bfloat16()
+    ddp = DistributedDataParallel(
+        model,
+        groups.dp_group,
+        expert_dp_group=groups.edp_group,
+        bucket_size_mb=BUCKET_MB,
+        use_distributed_optimizer=True,
+    )
+    opt = DistributedOptimizer(ddp, weight_decay_groups(model, WD), lr=LR, betas=BETAS)
+    for step in range(2):
+        batches = _global_batch(step, device)
+        for d, o, mine in ((ddp, opt, _rank_slice(rank)), (ref_ddp, ref_opt, slice(None))):
+            o.zero_grad()
+            _dp_backward(d, batches, mine)
+            d.finish_grad_sync()
+            o.step()
+    masters = {n: e["master_param"] for n, e in opt.full_state_dict()["state"].items()}
+    ref_masters = {n: e["master_param"] for n, e in ref_opt.full_state_dict()["state"].items()}
+    rounded = {n: m.to(device, torch.bfloat16) for n, m in masters.items()}
+    return {
+        "main_grad_dtype": model.output_layer.weight.main_grad.dtype,
+        "master_diff": _max_diff(masters, ref_masters),
+        "params_are_rounded_masters": _max_diff(_params(model), rounded) == 0.0,
+    }
+
+
 def _check_grad_scaler(rank: int, groups: Any, device: torch.device) -> dict[str, Any]:
     """(e) an inf on rank 1 only makes both ranks skip and back off; a clean step unscales."""
     scaler = DynamicGradScaler(2.0**10, growth_interval=2)
@@ -262,6 +296,40 @@ def _check_grad_scaler(rank: int, groups: Any, device: torch.device) -> dict[str
     }
 
 
+def _param(numel: int, device: torch.device, **attrs: Any) -> nn.Parameter:
+    p = nn.Parameter(torch.zeros(numel, device=device))
+    for k, v in attrs.items():
+        setattr(p, k, v)
+    return p
+
+
+def _check_group_roles(rank: int, groups: Any, device: torch.device) -> dict[str, Any]:
+    """The 2 ranks standing in for a tp group, then an ep group: the norm sums sharded params over the
+    group and counts replicated ones once; sequence-parallel main_grads are summed over tp."""
+    pair = groups.dp_group
+    sharded, replicated = _param(2, device, tp_dim=0), _param(3, device, tp_dim=None)
+    expert = _param(2, device, tp_dim=None, ep_dim=0)
+    sharded_grad = torch.full((2,), 1.0 + rank, device=device)  # full grad [1, 1, 2, 2]
+    replicated_grad = torch.full((3,), 2.0, device=device)  # the same on both ranks
+    expert_grad = torch.full((2,), 3.0 * (rank + 1), device=device)  # experts [3, 3] and [6, 6]
+    tp_norm = global_grad_norm([sharded, replicated], [sharded_grad, replicated_grad], tp_group=pair)
+    ep_norm = global_grad_norm([replicated, expert], [replicated_grad, expert_grad], ep_group=pair)
+
+    module = nn.Module()
+    module.norm_weight = _param(2, device, sequence_parallel=True)
+    module.weight = _param(2, device)
+    ddp = DistributedDataParallel(module, None)
+    for p in module.parameters():
+        p.main_grad.fill_(rank + 1.0)
+    allreduce_sequence_parallel_main_grads(ddp, pair)
+    return {
+        "tp_norm": tp_norm.item(),
+        "ep_norm": ep_norm.item(),
+        "sp_grad": module.norm_weight.main_grad.tolist(),
+        "non_sp_grad": module.weight.main_grad.tolist(),
+    }
+
+
 def _dp_world(rank: int, world_size: int, backend: str = "gloo") -> dict[str, Any]:
     from core.parallel import ParallelDims, build_groups
 
@@ -275,6 +343,8 @@ def _dp_world(rank: int, world_size: int, backend: str = "gloo") -> dict[str, An
         "ddp": _check_ddp_grads(rank, groups, device),
         "dist_opt": _check_distributed_optimizer(rank, groups, device),
         "scaler": _check_grad_scaler(rank, groups, device),
+        "roles": _check_group_roles(rank, groups, device),
+        "bf16": _check_bf16_distributed_optimizer(rank, groups, device),
     }
 
 
@@ -325,12 +395,35 @@ def test_distributed_optimizer_matches_torch_adamw(world: list[dict[str, Any]]) 
 
 
 @pytest.mark.slow
+def test_distributed_optimizer_bf16_params_fp32_masters(world: list[dict[str, Any]]) -> None:
+    for r in world:
+        d = r["bf16"]
+        assert d["main_grad_dtype"] == torch.float32
+        assert d["master_diff"] < ATOL, f"max |master - replicated master| = {d['master_diff']:.2e}"
+        assert d["params_are_rounded_masters"]
+
+
+@pytest.mark.slow
 def test_clip_grad_norm_is_global(world: list[dict[str, Any]]) -> None:
     for r in world:
         d = r["ddp"]
         assert abs(d["norm"] - d["ref_norm"]) < ATOL * d["ref_norm"]  # replicated grads: no dp sum
         ref_norms = [norm for _, norm in r["dist_opt"]["ref_curve"]]
         assert min(ref_norms) > MAX_NORM  # so the parity above ran with clipping active
+
+
+@pytest.mark.slow
+def test_grad_norm_counts_replicated_params_once(world: list[dict[str, Any]]) -> None:
+    for r in world:
+        assert r["roles"]["tp_norm"] == pytest.approx((1 + 1 + 4 + 4 + 3 * 4) ** 0.5, rel=1e-6)
+        assert r["roles"]["ep_norm"] == pytest.approx((3 * 4 + 9 + 9 + 36 + 36) ** 0.5, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_sequence_parallel_main_grads_summed_over_tp(world: list[dict[str, Any]]) -> None:
+    for rank, r in enumerate(world):
+        assert r["roles"]["sp_grad"] == [3.0, 3.0]
+        assert r["roles"]["non_sp_grad"] == [rank + 1.0] * 2
 
 
 @pytest.mark.slow
@@ -455,3 +548,16 @@ def test_grad_scaler_grows_after_interval_and_floors() -> None:
     assert scaler.scale == 2.0  # never below min_scale
     grads = [torch.tensor([float("nan"), 1.0])]
     assert scaler.unscale_(grads) is True  # single process: no groups
+
+
+def test_lr_scheduler_and_plain_param_list() -> None:
+    model = _mlp()
+    ddp = DistributedDataParallel(model, None)
+    opt = MainGradAdamW(ddp, list(model.parameters()), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** (step + 1))
+    assert opt.param_groups[0]["lr"] == 0.05
+    ddp(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    scheduler.step()
+    assert opt.param_groups[0]["lr"] == 0.025
+    assert opt.full_state_dict()["param_groups"][0]["params"] == [n for n, _ in model.named_parameters()]

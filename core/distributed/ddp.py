@@ -88,6 +88,10 @@ class DistributedDataParallel(nn.Module):
         ]
 
     def grad_buffer_of(self, p: nn.Parameter) -> GradBuffer:
+        if p not in self._buffer_of:
+            raise KeyError(
+                "parameter has no gradient buffer: not in this DDP's module, or requires_grad=False"
+            )
         return self._buffer_of[p]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

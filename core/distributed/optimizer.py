@@ -63,14 +63,18 @@ class _Shard:
 
 
 class _MasterAdamW(torch.optim.AdamW):
-    """Shared machinery; subclasses say which range of each param this rank owns and how to publish."""
+    """Shared machinery; subclasses say which range of each param this rank owns and how to publish.
+
+    params: parameters of ddp.module, or torch-style param groups ({"params": [...], "weight_decay": ...});
+    the keyword hyperparameters are torch.optim.AdamW's defaults for every group.
+    """
 
     needs_reduce_scatter: bool
 
     def __init__(
         self,
         ddp: DistributedDataParallel,
-        param_groups: list[dict[str, Any]],
+        params: list[nn.Parameter] | list[dict[str, Any]],
         *,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -84,6 +88,7 @@ class _MasterAdamW(torch.optim.AdamW):
                 f"{self.needs_reduce_scatter}), got {ddp.use_distributed_optimizer}"
             )
         self.ddp = ddp
+        param_groups = [{"params": list(params)}] if isinstance(params[0], torch.Tensor) else params
         self.param_name = _param_names(ddp.module, param_groups)  # every optimized param, on all ranks
         self._names_per_group = [[self.param_name[p] for p in g["params"]] for g in param_groups]
         self.shards: list[_Shard] = []

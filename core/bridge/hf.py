@@ -144,7 +144,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> GPTModel:
 
 def _check_keys(
     checkpoint: SafetensorsCheckpoint, model: GPTModel, config: TransformerConfig, arch: Architecture
-):
+) -> None:
     """InputError for missing tensors and for unknown ones (an unsupported feature, e.g. an extra bias)."""
     needed = hf_names_read((n for n, _ in model.named_parameters()), config, arch)
     present = checkpoint.keys()

@@ -56,5 +56,9 @@ def load_native(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[G
         raise InputError(f"{path / WEIGHTS_FILE}: parameter names do not match the config, e.g. {diff}")
     with torch.no_grad():
         for name, p in expected.items():
+            if state[name].shape != p.shape:
+                raise InputError(
+                    f"{path / WEIGHTS_FILE}: {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}"
+                )
             p.copy_(state[name])
     return model, arch

@@ -8,7 +8,7 @@ stream parameters gathered (or sharded: the fused layouts are TP-invariant) from
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,7 +46,7 @@ class Architecture:
     hf_config_from: Callable[[TransformerConfig], dict[str, Any]]
     param_maps: Callable[[TransformerConfig], list[ParamMap]]
     hf_base_prefix: str  # prefix of the base model's weights ("model."); some checkpoints omit it
-    ignore_hf: tuple[str, ...] = field(default=())  # regexes of checkpoint keys that hold no weights
+    ignore_hf: tuple[str, ...] = ()  # regexes of checkpoint keys that hold no weights
 
 
 def hf_rope(hf: dict[str, Any], default_theta: float) -> tuple[float, dict[str, float] | None]:

@@ -115,7 +115,12 @@ class SelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        # enable_gqa maps query head h to kv head h // group_size, matching the fused layout above.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        if mask is None:
+            # Query head h reads kv head h // group_size (the fused layout above); flash attention does GQA.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            # CUDA's memory-efficient kernel (the one that takes a mask) has no GQA: repeat kv heads instead.
+            k, v = k.repeat_interleave(self.group_size, dim=1), v.repeat_interleave(self.group_size, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, n_heads_local, T, d)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads_local * self.head_dim)
         return self.linear_proj(out)

@@ -14,6 +14,11 @@ Parameter names (stable across pipeline splits: layers are keyed by their global
     layers.{i}.mlp.experts.{w_gate_up,w_down}            MoE: (E, 2F, H), (E, H, F)
     final_norm.{weight,bias}
     output_layer.weight                                  (V/tp, H); the embedding's weight when tied
+
+Initialisation: weights ~ N(0, init_std), the residual-branch outputs (linear_proj, linear_fc2, experts.w_down)
+~ N(0, init_std / sqrt(2 * num_layers)), biases 0, norm scales 1. Every weight is drawn full-size and sharded
+(core.tensor_parallel.init), so the same seed gives the same full model at any tp.
+Not supported yet: sequence parallelism (the TP layers have it; norms, MoE and masks here assume full T).
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ fp32 main_grad buffer (a cast copy when grad_dtype is not fp32).
 
 Checkpoints: state_dict()/load_state_dict() are per rank (same layout only). full_state_dict() gathers
 the state as FULL per-parameter tensors keyed by parameter name, which load_full_state_dict() reads at
-any dp size or sharding (dp2 -> dp1, dp4, replicated):
+any dp size or sharding (dp2 -> dp1, dp4, replicated). "Full" is over dp: each tensor has its
+parameter's local shape, so tp/ep/pp-sharded params stay sharded as the params are (tp_dim, ep_dim)
+and the checkpoint layer reshards those. Both loads write the masters into the params (collective):
     {"state": {name: {"step": (), "master_param": shape, "exp_avg": shape, "exp_avg_sq": shape}},
      "param_groups": [{"lr": ..., "weight_decay": ..., ..., "params": [name, ...]}]}
 """

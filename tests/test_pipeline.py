@@ -12,6 +12,7 @@ the tied reduction moves them by >= 1e-3.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -50,6 +51,7 @@ CASES: dict[str, tuple[bool, int, bool]] = {
     "interleaved_tied": (True, 2, False),
     "1f1b_moe": (False, 1, True),
 }
+TP_CASES = ("1f1b_untied", "interleaved_tied")
 
 
 def _config(tied: bool, moe: bool = False) -> TransformerConfig:
@@ -100,7 +102,17 @@ def _full_model(config: TransformerConfig) -> GPTModel:
     return GPTModel(config)
 
 
-# ---- the pp=2 world -----------------------------------------------------------------------------------------
+# ---- the worlds: pp=2 (every check), pp=2 x tp=2 (parity), pp=2 on NCCL (every check, 2 GPUs) ----------
+
+
+@dataclass
+class _Ctx:
+    """What every check in a world shares."""
+
+    groups: Groups
+    emb_group: Any
+    mbs: list[dict[str, torch.Tensor]]
+    device: torch.device
 
 
 def _load_full_weights(chunks: list[GPTModel], config: TransformerConfig, groups: Groups) -> None:
@@ -116,9 +128,10 @@ def _load_full_weights(chunks: list[GPTModel], config: TransformerConfig, groups
         chunk.load_state_dict(state, strict=True)
 
 
-def _stage(config: TransformerConfig, groups: Groups, vpp: int, emb_group: Any) -> list[GPTModel]:
-    chunks = build_stage_modules(config, groups, vpp, groups.tp_group, emb_group)
-    _load_full_weights(chunks, config, groups)
+def _stage(ctx: _Ctx, config: TransformerConfig, vpp: int) -> list[GPTModel]:
+    chunks = build_stage_modules(config, ctx.groups, vpp, ctx.groups.tp_group, ctx.emb_group)
+    chunks = [chunk.to(ctx.device) for chunk in chunks]
+    _load_full_weights(chunks, config, ctx.groups)
     return chunks
 
 
@@ -132,17 +145,14 @@ def _grads(chunks: list[GPTModel], groups: Groups) -> dict[str, torch.Tensor]:
     return out
 
 
-def _schedule_for(vpp: int):
-    return forward_backward_interleaved if vpp > 1 else forward_backward_1f1b
-
-
-def _run(chunks, groups, mbs, emb_group, vpp, forward_only=False, **hooks) -> list[torch.Tensor]:
+def _run(ctx: _Ctx, chunks, vpp: int, mbs=None, forward_only=False, **hooks) -> list[torch.Tensor]:
     """One step's schedule (+ the tied-embedding reduction); per-micro-batch losses on the last stage."""
-    loss_fn = partial(_loss_fn, num_tokens=_num_tokens(mbs), tp_group=groups.tp_group)
-    schedule = _schedule_for(vpp)
-    metrics = schedule(chunks, mbs, loss_fn, groups, forward_only, **hooks)
+    mbs = ctx.mbs if mbs is None else mbs
+    loss_fn = partial(_loss_fn, num_tokens=_num_tokens(mbs), tp_group=ctx.groups.tp_group)
+    schedule = forward_backward_interleaved if vpp > 1 else forward_backward_1f1b
+    metrics = schedule(chunks, mbs, loss_fn, ctx.groups, forward_only, **hooks)
     if not forward_only:
-        allreduce_tied_embedding_grads(chunks, emb_group)
+        allreduce_tied_embedding_grads(chunks, ctx.emb_group)
     return [m["loss"] for m in metrics]
 
 
@@ -150,8 +160,8 @@ def _num_tokens(mbs: list[dict[str, torch.Tensor]]) -> float:
     return float(sum(mb["loss_mask"].sum() for mb in mbs))
 
 
-def _parity_case(groups, mbs, emb_group, tied: bool, vpp: int, moe: bool) -> dict[str, Any]:
-    chunks = _stage(_config(tied, moe), groups, vpp, emb_group)
+def _parity_case(ctx: _Ctx, tied: bool, vpp: int, moe: bool) -> dict[str, Any]:
+    chunks = _stage(ctx, _config(tied, moe), vpp)
     calls: list[tuple[str, int]] = []
 
     @contextmanager
@@ -159,77 +169,90 @@ def _parity_case(groups, mbs, emb_group, tied: bool, vpp: int, moe: bool) -> dic
         calls.append(("no_sync", c))
         yield
 
-    losses = _run(
-        chunks,
-        groups,
-        mbs,
-        emb_group,
-        vpp,
-        no_sync_func=no_sync,
-        on_last_backward=lambda c: calls.append(("last", c)),
-    )
-    return {"losses": losses, "grads": _grads(chunks, groups), "hook_calls": calls}
+    def on_last_backward(c: int) -> None:
+        calls.append(("last", c))
+
+    losses = _run(ctx, chunks, vpp, no_sync_func=no_sync, on_last_backward=on_last_backward)
+    return {"losses": losses, "grads": _grads(chunks, ctx.groups), "hook_calls": calls}
 
 
-def _forward_only_case(groups, mbs, emb_group, vpp: int) -> dict[str, Any]:
-    chunks = _stage(_config(True), groups, vpp, emb_group)
-    losses = _run(chunks, groups, mbs, emb_group, vpp, forward_only=True)
+def _forward_only_case(ctx: _Ctx, vpp: int) -> dict[str, Any]:
+    chunks = _stage(ctx, _config(True), vpp)
+    losses = _run(ctx, chunks, vpp, forward_only=True)
     return {"losses": losses, "any_grad": any(p.grad is not None for c in chunks for p in c.parameters())}
 
 
-def _adamw_case(groups, mbs, emb_group) -> dict[str, Any]:
+def _adamw_case(ctx: _Ctx) -> dict[str, Any]:
     """Interleaved, tied: AdamW on each rank's parameters after the tied-embedding reduction."""
-    chunks = _stage(_config(True), groups, 2, emb_group)
-    params = [p for c in chunks for p in c.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    chunks = _stage(ctx, _config(True), 2)
+    opt = torch.optim.AdamW([p for c in chunks for p in c.parameters()], lr=1e-2, weight_decay=0.1)
     curve = []
     for _ in range(ADAM_STEPS):
         opt.zero_grad(set_to_none=True)
-        curve.append(sum(_run(chunks, groups, mbs, emb_group, 2), torch.zeros(())))
+        losses = _run(ctx, chunks, 2)
+        curve.extend([torch.stack(losses).sum()] if losses else [])
         opt.step()
     first, last = chunks[0], chunks[-1]
     tied = first.embedding.word_embeddings.weight if first.pre_process else last.output_layer.weight
     return {"curve": curve, "tied_weight": tied.detach().clone()}
 
 
-def _init_broadcast_case(groups, emb_group) -> torch.Tensor:
+def _init_broadcast_case(ctx: _Ctx) -> torch.Tensor:
     """The tied copy right after build_stage_modules (ranks seeded differently: only the broadcast can
     make the last stage's head equal the first stage's embedding)."""
-    torch.manual_seed(SEED + groups.pp_rank)
-    chunks = build_stage_modules(_config(True), groups, 1, groups.tp_group, emb_group)
+    torch.manual_seed(SEED + ctx.groups.pp_rank)
+    chunks = build_stage_modules(_config(True), ctx.groups, 1, ctx.groups.tp_group, ctx.emb_group)
     first, last = chunks[0], chunks[-1]
     weight = first.embedding.word_embeddings.weight if first.pre_process else last.output_layer.weight
-    return all_gather_along_dim(weight.detach(), 0, groups.tp_group)
+    return weight.detach().clone()
 
 
-def _error_cases(groups, mbs, emb_group) -> dict[str, str]:
+def _error_cases(ctx: _Ctx) -> dict[str, str]:
     """Errors every rank raises together (before any p2p), so nothing hangs."""
-    chunks = _stage(_config(False), groups, 2, emb_group)
     out = {}
+    chunks = _stage(ctx, _config(False), 2)
     try:
-        _run(chunks, groups, mbs[:3], emb_group, 2)
+        _run(ctx, chunks, 2, mbs=ctx.mbs[:3])
     except ValueError as e:
         out["indivisible"] = str(e)
-    chunks = _stage(_config(False), groups, 1, emb_group)
+    chunks = _stage(ctx, _config(False), 1)
     try:  # rank-dependent count: a data bug that would otherwise deadlock the pipeline
-        _run(chunks, groups, mbs[: 2 + 2 * groups.pp_rank], emb_group, 1)
+        _run(ctx, chunks, 1, mbs=ctx.mbs[: 2 + 2 * ctx.groups.pp_rank])
     except ValueError as e:
         out["mismatch"] = str(e)
     return out
 
 
+def _to_cpu(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_to_cpu(v) for v in x)
+    return x
+
+
 def _pipeline_world(
-    rank: int, world_size: int, tp: int, mbs: list[dict[str, torch.Tensor]]
+    rank: int, world_size: int, tp: int, mbs: list[dict[str, torch.Tensor]], backend: str, full: bool
 ) -> dict[str, Any]:
+    """Every check (full) or the parity of TP_CASES; tensors come back on the CPU."""
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity, as on the CPU
     groups = build_groups(ParallelDims(tp=tp, pp=world_size // tp, world_size=world_size), rank)
-    emb_group = build_embedding_group(groups)
+    mbs = [{k: v.to(device) for k, v in mb.items()} for mb in mbs]
+    ctx = _Ctx(groups, build_embedding_group(groups), mbs, device)
     out: dict[str, Any] = {"pp_rank": groups.pp_rank, "tp_rank": groups.tp_rank}
-    out["parity"] = {case: _parity_case(groups, mbs, emb_group, *args) for case, args in CASES.items()}
-    out["forward_only"] = {vpp: _forward_only_case(groups, mbs, emb_group, vpp) for vpp in (1, 2)}
-    out["adamw"] = _adamw_case(groups, mbs, emb_group)
-    out["init_broadcast"] = _init_broadcast_case(groups, emb_group)
-    out["errors"] = _error_cases(groups, mbs, emb_group)
-    return out
+    out["parity"] = {case: _parity_case(ctx, *CASES[case]) for case in (CASES if full else TP_CASES)}
+    if full:
+        out["forward_only"] = {vpp: _forward_only_case(ctx, vpp) for vpp in (1, 2)}
+        out["adamw"] = _adamw_case(ctx)
+        out["init_broadcast"] = _init_broadcast_case(ctx)
+        out["errors"] = _error_cases(ctx)
+    return _to_cpu(out)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -241,9 +264,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module", params=["gloo", pytest.param("nccl", marks=pytest.mark.gpu)])
+def pp2(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    """pp=2, every check: gloo on the CPU; the same on NCCL where there are 2 GPUs."""
+    backend = request.param
+    if backend == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    return run_distributed(
+        _pipeline_world, 2, 1, _micro_batches(), backend, True, timeout=300, backend=backend
+    )
+
+
 @pytest.fixture(scope="module")
-def pp2() -> list[dict[str, Any]]:
-    return run_distributed(_pipeline_world, 2, 1, _micro_batches(), timeout=120)
+def pp2_tp2() -> list[dict[str, Any]]:
+    """pp=2 x tp=2 (4 gloo ranks): parity only, the model's TP layers sharded by tp_dim."""
+    return run_distributed(_pipeline_world, 4, 2, _micro_batches(), "gloo", False, timeout=300)
 
 
 # ---- single-process references (parent process) ----------------------------------------------------------
@@ -277,14 +312,16 @@ def _by_stage(world: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
 
 
 def _check_parity(world: list[dict[str, Any]], case: str) -> None:
+    """Every rank: gradients of its parameters (tp-gathered); every last-stage rank: the losses."""
     tied, _, moe = CASES[case]
     want_losses, want_grads = _reference(tied, moe)
-    stages = _by_stage(world)
-    last = stages[max(stages)]["parity"][case]
-    torch.testing.assert_close(torch.stack(last["losses"]), torch.stack(want_losses), **TOL)
+    last_stage = max(r["pp_rank"] for r in world)
     seen: set[str] = set()
-    for stage in stages.values():
-        for name, grad in stage["parity"][case]["grads"].items():
+    for r in world:
+        got = r["parity"][case]
+        if r["pp_rank"] == last_stage:
+            torch.testing.assert_close(torch.stack(got["losses"]), torch.stack(want_losses), **TOL)
+        for name, grad in got["grads"].items():
             torch.testing.assert_close(grad, want_grads[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
             seen.add(name)
     assert seen == set(want_grads)  # every parameter lives on some stage, under its global name
@@ -324,6 +361,11 @@ def test_no_pipelining_schedule_equals_a_plain_loop(moe: bool) -> None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_pp2_loss_and_every_gradient_match_single_process(pp2, case: str) -> None:
     _check_parity(pp2, case)
+
+
+@pytest.mark.parametrize("case", TP_CASES)
+def test_pp2_tp2_loss_and_every_gradient_match_single_process(pp2_tp2, case: str) -> None:
+    _check_parity(pp2_tp2, case)
 
 
 def test_moe_aux_loss_reaches_routers_on_both_stages(pp2) -> None:

@@ -100,10 +100,11 @@ class SelfAttention(nn.Module):
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps, partial_over=tp_group)
         self.qk_norm = config.qk_norm
 
-    def forward(
-        self, x: torch.Tensor, rope: RopeCache | None = None, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """x (B, T, H) -> (B, T, H); mask from build_attention_mask (None: causal)."""
+    def project_qkv(
+        self, x: torch.Tensor, rope: RopeCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, H) -> q (B, n_heads_local, T, d), k and v (B, n_kv_local, T, d): projected, qk-normed
+        and rotated, ready for attention. Generation engines call it to fill their KV cache."""
         B, T, _ = x.shape
         qkv = self.linear_qkv(x)  # (B, T, n_kv_local * (group_size + 2) * head_dim)
         qkv = qkv.view(B, T, self.n_kv_local, self.group_size + 2, self.head_dim)
@@ -115,6 +116,14 @@ class SelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def forward(
+        self, x: torch.Tensor, rope: RopeCache | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H); mask from build_attention_mask (None: causal)."""
+        B, T, _ = x.shape
+        q, k, v = self.project_qkv(x, rope)
         if mask is None:
             # Query head h reads kv head h // group_size (the fused layout above); flash attention does GQA.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

@@ -20,6 +20,7 @@ import pytest
 import torch
 from dist import run_distributed
 
+from core.distributed.ddp import DistributedDataParallel
 from core.parallel.collectives import all_gather_along_dim
 from core.parallel.dims import Groups, ParallelDims, build_groups
 from core.pipeline import (
@@ -176,6 +177,22 @@ def _parity_case(ctx: _Ctx, tied: bool, vpp: int, moe: bool) -> dict[str, Any]:
     return {"losses": losses, "grads": _grads(chunks, ctx.groups), "hook_calls": calls}
 
 
+def _ddp_case(ctx: _Ctx) -> dict[str, Any]:
+    """Interleaved, tied, each chunk in the project's DDP: no_sync on all but the last backward of each
+    chunk, dp sync, then the tied reduction on main_grad."""
+    chunks = _stage(ctx, _config(True), 2)
+    ddps = [DistributedDataParallel(chunk, ctx.groups.dp_group) for chunk in chunks]
+    losses = _run(ctx, ddps, 2, no_sync_func=lambda c: ddps[c].no_sync(), on_last_backward=lambda c: None)
+    for ddp in ddps:  # _run reduced the tied grads before this sync: fine at dp = 1 (sums commute)
+        ddp.finish_grad_sync()
+    grads = {}
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            assert p.grad is None  # DDP moved it into main_grad
+            grads[name] = p.main_grad.clone()
+    return {"losses": losses, "grads": grads}
+
+
 def _forward_only_case(ctx: _Ctx, vpp: int) -> dict[str, Any]:
     chunks = _stage(ctx, _config(True), vpp)
     losses = _run(ctx, chunks, vpp, forward_only=True)
@@ -204,6 +221,8 @@ def _init_broadcast_case(ctx: _Ctx) -> torch.Tensor:
     chunks = build_stage_modules(_config(True), ctx.groups, 1, ctx.groups.tp_group, ctx.emb_group)
     first, last = chunks[0], chunks[-1]
     weight = first.embedding.word_embeddings.weight if first.pre_process else last.output_layer.weight
+    # The last stage's copy is tagged so that a global grad norm counts the tied weight once.
+    assert getattr(weight, "pipeline_tied_copy", False) == ctx.groups.is_last_stage
     return weight.detach().clone()
 
 
@@ -248,6 +267,7 @@ def _pipeline_world(
     out: dict[str, Any] = {"pp_rank": groups.pp_rank, "tp_rank": groups.tp_rank}
     out["parity"] = {case: _parity_case(ctx, *CASES[case]) for case in (CASES if full else TP_CASES)}
     if full:
+        out["ddp"] = _ddp_case(ctx)
         out["forward_only"] = {vpp: _forward_only_case(ctx, vpp) for vpp in (1, 2)}
         out["adamw"] = _adamw_case(ctx)
         out["init_broadcast"] = _init_broadcast_case(ctx)
@@ -361,6 +381,12 @@ def test_no_pipelining_schedule_equals_a_plain_loop(moe: bool) -> None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_pp2_loss_and_every_gradient_match_single_process(pp2, case: str) -> None:
     _check_parity(pp2, case)
+
+
+def test_ddp_wrapped_chunks_match_single_process_in_main_grad(pp2) -> None:
+    """The schedule unwraps DDP chunks; the tied reduction works on main_grad."""
+    world = [r | {"parity": {"interleaved_tied": r["ddp"]}} for r in pp2]
+    _check_parity(world, "interleaved_tied")
 
 
 @pytest.mark.parametrize("case", TP_CASES)

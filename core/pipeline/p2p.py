@@ -18,7 +18,9 @@ exist before the first batch that leaves a rank out; the schedules run one pp al
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -110,5 +112,5 @@ class StageLinks:
         _run(ops)
         return None if header is None else _decode_header(header)
 
-    def _op(self, fn: object, tensor: torch.Tensor, peer: int) -> dist.P2POp:
+    def _op(self, fn: Callable[..., Any], tensor: torch.Tensor, peer: int) -> dist.P2POp:
         return dist.P2POp(fn, tensor, peer, group=self.group)

@@ -120,8 +120,9 @@ def _model_device(model_chunks: Sequence[nn.Module]) -> torch.device:
 def _check_micro_batch_count(n: int, groups: Groups, device: torch.device) -> None:
     """All pp ranks must run the same number of micro-batches (else the schedule would hang).
 
-    This all-reduce is also the pp group's first collective: it creates the NCCL communicator on every
-    stage before the first p2p batch, which may leave stages out.
+    Runs before any other check, so that every rank raises the same error or none does. This all-reduce
+    is also the pp group's first collective of the step: it creates the NCCL communicator on every stage
+    before the first p2p batch, which may leave stages out.
     """
     counts = torch.tensor([n, -n], dtype=torch.int64, device=device)
     dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=groups.pp_group)
@@ -201,10 +202,10 @@ def forward_backward_1f1b(
         raise ValueError(
             f"1F1B runs one chunk per rank, got {len(model_chunks)}: use the interleaved schedule"
         )
-    runner = _ChunkRunner(model_chunks, micro_batches, loss_fn, forward_only, no_sync_func, on_last_backward)
     device = _model_device(model_chunks)
     n = len(micro_batches)
     _check_micro_batch_count(n, groups, device)
+    runner = _ChunkRunner(model_chunks, micro_batches, loss_fn, forward_only, no_sync_func, on_last_backward)
     pipe = _Pipe(groups, device, forward_only, wrap_around=False)
     num_warmup = min(groups.pp_size - groups.pp_rank - 1, n)
     in_flight: deque[_Stash] = deque()
@@ -329,14 +330,14 @@ def forward_backward_interleaved(
     """Virtual stages (Megatron's interleaved 1F1B): rank r holds V chunks; the bubble shrinks by V.
     Needs num_micro_batches % pp_size == 0 (micro-batches go through each chunk in groups of pp)."""
     n, pp = len(micro_batches), groups.pp_size
+    device = _model_device(model_chunks)
+    _check_micro_batch_count(n, groups, device)
     if n % pp:
         raise ValueError(
             f"the interleaved schedule needs the number of micro-batches ({n}) to be a multiple of "
             f"pp_size ({pp}): use {max(pp, n - n % pp)} or {n + pp - n % pp} micro-batches"
         )
     runner = _ChunkRunner(model_chunks, micro_batches, loss_fn, forward_only, no_sync_func, on_last_backward)
-    device = _model_device(model_chunks)
-    _check_micro_batch_count(n, groups, device)
     order = _InterleavedOrder(n, len(model_chunks), pp, groups.pp_rank)
     state = _InterleavedState(runner, order, _Pipe(groups, device, forward_only, wrap_around=True))
     num_warmup = order.num_warmup(forward_only)

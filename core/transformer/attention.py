@@ -22,6 +22,7 @@ from core.tensor_parallel import (
     tp_size,
 )
 from core.transformer.config import TransformerConfig
+from core.transformer.context_parallel import all_gather_kv_for_cp
 from core.transformer.norm import RMSNorm
 from core.transformer.rope import apply_rope
 
@@ -68,9 +69,15 @@ def build_attention_mask(
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: TransformerConfig, tp_group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        tp_group: dist.ProcessGroup | None = None,
+        cp_group: dist.ProcessGroup | None = None,
+    ):
         super().__init__()
         tp = tp_size(tp_group)
+        self.cp_group = cp_group  # context parallel: local queries attend to K/V gathered over cp
         if config.num_kv_heads % tp:
             raise ValueError(
                 f"num_kv_heads={config.num_kv_heads} is not divisible by tensor-parallel size {tp}"
@@ -121,9 +128,11 @@ class SelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: RopeCache | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x (B, T, H) -> (B, T, H); mask from build_attention_mask (None: causal)."""
+        """x (B, T, H) -> (B, T, H); mask from build_attention_mask (None: causal), under CP from
+        context_parallel.build_cp_attention_mask (B or 1, 1, T, T * cp), never None."""
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x, rope)
+        k, v = all_gather_kv_for_cp(k, v, self.cp_group)  # (B, n_kv_local, T * cp, d); identity for cp=1
         if mask is None:
             # Query head h reads kv head h // group_size (the fused layout above); flash attention does GQA.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

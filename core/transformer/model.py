@@ -18,6 +18,8 @@ Parameter names (stable across pipeline splits: layers are keyed by their global
 Initialisation: weights ~ N(0, init_std), the residual-branch outputs (linear_proj, linear_fc2, experts.w_down)
 ~ N(0, init_std / sqrt(2 * num_layers)), biases 0, norm scales 1. Every weight is drawn full-size and sharded
 (core.tensor_parallel.init), so the same seed gives the same full model at any tp.
+Context parallelism (cp_group): layout and attention in context_parallel.py; the MoE load-balancing loss is
+then computed over each rank's local tokens only (not equal to the cp=1 value).
 Not supported yet: sequence parallelism (the TP layers have it; norms, MoE and masks here assume full T).
 """
 
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from core.parallel.collectives import group_size
 from core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, init_tp_param_, normal_init
 from core.transformer.attention import (
     RopeCache,
@@ -35,6 +38,7 @@ from core.transformer.attention import (
     position_ids_from_segments,
 )
 from core.transformer.config import TransformerConfig
+from core.transformer.context_parallel import build_cp_attention_mask
 from core.transformer.mlp import MLP
 from core.transformer.moe import MoE
 from core.transformer.norm import build_norm
@@ -65,10 +69,15 @@ class Embedding(nn.Module):
 class TransformerLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: TransformerConfig, tp_group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        tp_group: dist.ProcessGroup | None = None,
+        cp_group: dist.ProcessGroup | None = None,
+    ):
         super().__init__()
         self.input_norm = build_norm(config, config.hidden_size)
-        self.self_attention = SelfAttention(config, tp_group)
+        self.self_attention = SelfAttention(config, tp_group, cp_group)
         self.pre_mlp_norm = build_norm(config, config.hidden_size)
         self.mlp = MoE(config) if config.is_moe else MLP(config, tp_group)
 
@@ -102,16 +111,20 @@ class GPTModel(nn.Module):
         layer_range: tuple[int, int] | None = None,
         pre_process: bool = True,
         post_process: bool = True,
+        cp_group: dist.ProcessGroup | None = None,
     ):
         super().__init__()
         self.config = config
+        self.cp_group = cp_group
         self.pre_process, self.post_process = pre_process, post_process
         start, end = layer_range or (0, config.num_layers)
         if not 0 <= start <= end <= config.num_layers:
             raise ValueError(f"layer_range={layer_range} is outside [0, {config.num_layers}]")
         if pre_process:
             self.embedding = Embedding(config, tp_group)
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, tp_group) for i in range(start, end)})
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerLayer(config, tp_group, cp_group) for i in range(start, end)}
+        )
         if post_process:
             self.final_norm = build_norm(config, config.hidden_size)
             self.output_layer = ColumnParallelLinear(
@@ -140,10 +153,17 @@ class GPTModel(nn.Module):
         attention_mask (B, T): 1 = token, 0 = padding. segment_ids (B, T): document ids of packed rows, no
         attention across documents; position_ids then default to restarting per document (else 0..T-1).
         Returns logits (B, T, V/tp) on the last stage, else hidden states (B, T, H).
+        Under context parallelism (cp_group of size cp > 1) every (B, T) input is this rank's split_for_cp
+        of the full rows (T = T_full / cp) and position_ids (global positions) are required.
         """
         x = self._stage_input(input_ids, hidden_states)
         B, T = x.shape[:2]
         if position_ids is None:
+            if group_size(self.cp_group) > 1:
+                raise ValueError(
+                    "GPTModel with cp > 1 needs position_ids: pass the split_for_cp of the full rows' "
+                    "global position ids (tokens on a cp rank are not contiguous)"
+                )
             position_ids = (
                 position_ids_from_segments(segment_ids)
                 if segment_ids is not None
@@ -152,7 +172,7 @@ class GPTModel(nn.Module):
         if self.pre_process:
             x = self.embedding(input_ids, position_ids)
         rope = self._rope(position_ids, x.dtype)
-        mask = build_attention_mask(T, attention_mask, segment_ids, self.config.sliding_window, x.device)
+        mask = self._attention_mask(T, attention_mask, segment_ids, x.device)
         for layer in self.layers.values():
             x = layer(x, rope, mask, attention_mask)
         self.aux_loss = self._aux_loss(x)
@@ -170,6 +190,19 @@ class GPTModel(nn.Module):
         if hidden_states is None:
             raise ValueError("a pipeline stage without pre_process takes hidden_states")
         return hidden_states
+
+    def _attention_mask(
+        self,
+        T: int,
+        attention_mask: torch.Tensor | None,
+        segment_ids: torch.Tensor | None,
+        device: torch.device,
+    ) -> torch.Tensor | None:
+        """(B or 1, 1, T, T * cp) boolean mask, or None for plain causal attention (never under cp > 1)."""
+        window = self.config.sliding_window
+        if group_size(self.cp_group) == 1:
+            return build_attention_mask(T, attention_mask, segment_ids, window, device)
+        return build_cp_attention_mask(T, attention_mask, segment_ids, window, self.cp_group, device)
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> RopeCache | None:
         cfg = self.config

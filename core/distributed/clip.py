@@ -56,6 +56,8 @@ def global_grad_norm(
     for p, g in zip(params, grads, strict=True):
         if getattr(p, "tp_dim", None) is None and not counted_on_this_tp_rank:
             continue
+        if getattr(p, "pipeline_tied_copy", False):  # the last stage's copy of a tied embedding: counted once
+            continue
         (expert if is_expert(p) else dense).append(g)
     dense_sq = _sum_over(_sum_of_squares(dense, device), dp_group)
     expert_sq = _sum_over(_sum_over(_sum_of_squares(expert, device), expert_dp_group), ep_group)

@@ -20,6 +20,8 @@ Initialisation: weights ~ N(0, init_std), the residual-branch outputs (linear_pr
 (core.tensor_parallel.init), so the same seed gives the same full model at any tp.
 Context parallelism (cp_group): layout and attention in context_parallel.py; the MoE load-balancing loss is
 then computed over each rank's local tokens only (not equal to the cp=1 value).
+Expert parallelism (ep_group, Groups.ep_group): every MoE layer keeps E/ep experts per rank (moe.py); expert
+params (ep_dim) are reduced over expert-data-parallel (Groups.edp_group), all others over dp x cp.
 Not supported yet: sequence parallelism (the TP layers have it; norms, MoE and masks here assume full T).
 """
 
@@ -74,12 +76,13 @@ class TransformerLayer(nn.Module):
         config: TransformerConfig,
         tp_group: dist.ProcessGroup | None = None,
         cp_group: dist.ProcessGroup | None = None,
+        ep_group: dist.ProcessGroup | None = None,
     ):
         super().__init__()
         self.input_norm = build_norm(config, config.hidden_size)
         self.self_attention = SelfAttention(config, tp_group, cp_group)
         self.pre_mlp_norm = build_norm(config, config.hidden_size)
-        self.mlp = MoE(config) if config.is_moe else MLP(config, tp_group)
+        self.mlp = MoE(config, tp_group, ep_group) if config.is_moe else MLP(config, tp_group)
 
     def forward(
         self,
@@ -112,6 +115,7 @@ class GPTModel(nn.Module):
         pre_process: bool = True,
         post_process: bool = True,
         cp_group: dist.ProcessGroup | None = None,
+        ep_group: dist.ProcessGroup | None = None,
     ):
         super().__init__()
         self.config = config
@@ -123,7 +127,7 @@ class GPTModel(nn.Module):
         if pre_process:
             self.embedding = Embedding(config, tp_group)
         self.layers = nn.ModuleDict(
-            {str(i): TransformerLayer(config, tp_group, cp_group) for i in range(start, end)}
+            {str(i): TransformerLayer(config, tp_group, cp_group, ep_group) for i in range(start, end)}
         )
         if post_process:
             self.final_norm = build_norm(config, config.hidden_size)

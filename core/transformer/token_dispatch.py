@@ -107,7 +107,7 @@ def plan_dispatch(
         weights=top_weights.reshape(-1)[order],
         send_splits=splits[0],
         recv_splits=splits[1],
-        recv_expert=local_experts.repeat_interleave(recv_counts.reshape(-1)),
+        recv_expert=local_experts.repeat_interleave(recv_counts.reshape(-1), output_size=sum(splits[1])),
     )
 
 

@@ -1,0 +1,236 @@
+"""Prefill and decode over a KV cache, on a GPTModel's own modules (its weights, no copy).
+
+The runner walks the model as TransformerLayer.forward does (x + attn(norm(x)), then x + mlp(norm(x)))
+but splits attention at `SelfAttention.project_qkv` so that K/V go into the cache. Any tensor-parallel
+layout works unchanged: the model's linears and embedding communicate over its tp_group themselves;
+the runner returns vocab-local logits and `full_vocab_logits` all-gathers them (S rows, not S * T).
+
+Decode attention is one query per slot against that slot's cached keys, masked by the slot's own length
+(b, 1, 1, L). GQA without repeating K/V: the group_size query heads that share a kv head are laid out
+as that head's "query positions", q (b, n_kv, group_size, d), one SDPA call for all of them.
+
+CUDA graphs (`CudaGraphDecoder`): the decode forward is captured per (batch rows, kv length) bucket
+and replayed with static input buffers; sampling stays outside the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from core.parallel.collectives import all_gather_along_dim
+from core.transformer.attention import RopeCache, build_attention_mask
+from core.transformer.model import GPTModel, TransformerLayer
+from core.transformer.rope import rope_cos_sin, rope_inv_freq
+from rollout.engines.native.kv_cache import KVCache
+
+
+def decode_mask(positions: torch.Tensor, kv_len: int, sliding_window: int | None) -> torch.Tensor:
+    """positions (b,) of each slot's new token -> (b, 1, 1, kv_len) bool, True = may attend: keys
+    [0, position], or the last sliding_window of them."""
+    keys = torch.arange(kv_len, device=positions.device)[None, :]  # (1, L)
+    mask = keys <= positions[:, None]  # (b, L)
+    if sliding_window is not None:
+        mask = mask & (positions[:, None] - keys < sliding_window)
+    return mask[:, None, None, :]
+
+
+def single_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """q (b, n_heads, 1, d), k/v (b, n_kv, L, d), mask (b, 1, 1, L) -> (b, n_heads, 1, d).
+
+    Query head h reads kv head h // group_size (the fused QKV layout), so the heads of one kv group
+    are contiguous and become that group's group_size queries."""
+    b, n_heads, _, d = q.shape
+    q = q.reshape(b, n_heads // group_size, group_size, d)  # (b, n_kv, group_size, d)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, n_kv, group_size, d)
+    return out.reshape(b, n_heads, 1, d)
+
+
+def prompt_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """Causal attention over right-padded prompts, as SelfAttention.forward computes it.
+
+    q (B, n_heads, T, d), k/v (B, n_kv, T, d). Right padding needs no mask: a real token's causal
+    past holds only real tokens. mask: build_attention_mask's (sliding window) or None."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    k, v = k.repeat_interleave(group_size, dim=1), v.repeat_interleave(group_size, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, n_heads, T, d) -> (B, T, n_heads * d)."""
+    B, n_heads, T, d = x.shape
+    return x.transpose(1, 2).reshape(B, T, n_heads * d)
+
+
+def full_vocab_logits(logits_local: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """(S, V/tp) vocab shard of each rank -> (S, V) on every rank (one all-gather of S rows)."""
+    return all_gather_along_dim(logits_local, -1, tp_group)
+
+
+class ModelRunner:
+    """Prefill and decode steps of a whole GPTModel (all layers, embedding and head) over a KVCache."""
+
+    def __init__(self, model: GPTModel, cache: KVCache):
+        check_runnable(model)
+        self.model, self.cache = model, cache
+        config = model.config
+        self.sliding_window = config.sliding_window
+        self.inv_freq: torch.Tensor | None = None
+        if config.position_embedding == "rope":
+            inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+            self.inv_freq = inv_freq.to(cache.k[next(iter(cache.k))].device)  # on device: graph-safe
+
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> RopeCache | None:
+        if self.inv_freq is None:
+            return None
+        return rope_cos_sin(position_ids, self.inv_freq, dtype)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, H) -> vocab-local logits (N, V/tp)."""
+        return self.model.output_layer(self.model.final_norm(x))
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, last_index: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) right-padded prompts, last_index (B,) index of each prompt's last token,
+        slots (B,) their KV-cache slots -> vocab-local logits at the last prompt token (B, V/tp)."""
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.model.embedding(input_ids, positions)  # (B, T, H)
+        rope = self._rope(positions, x.dtype)
+        mask = build_attention_mask(T, None, None, self.sliding_window, x.device)  # None unless a window
+        for key, layer in self.model.layers.items():
+            x = self._prefill_layer(key, layer, x, rope, mask, slots)
+        x = x[torch.arange(B, device=x.device), last_index]  # (B, H)
+        return self._head(x)
+
+    def _prefill_layer(
+        self,
+        key: str,
+        layer: TransformerLayer,
+        x: torch.Tensor,
+        rope: RopeCache | None,
+        mask: torch.Tensor | None,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        attn = layer.self_attention
+        q, k, v = attn.project_qkv(layer.input_norm(x), rope)  # (B, n_heads, T, d), (B, n_kv, T, d) x2
+        self.cache.write_prompt(key, slots, k, v)
+        x = x + attn.linear_proj(_merge_heads(prompt_attention(q, k, v, mask, attn.group_size)))
+        return x + layer.mlp(layer.pre_mlp_norm(x))
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """One token for each of the slots [0, b): tokens (b,) at positions (b,) -> vocab-local logits
+        (b, V/tp). Keys [0, kv_len) are read; kv_len must exceed every position. No host sync."""
+        pos = positions[:, None]  # (b, 1)
+        x = self.model.embedding(tokens[:, None], pos)  # (b, 1, H)
+        rope = self._rope(pos, x.dtype)
+        mask = decode_mask(positions, kv_len, self.sliding_window)  # (b, 1, 1, L)
+        for key, layer in self.model.layers.items():
+            x = self._decode_layer(key, layer, x, rope, mask, positions, kv_len)
+        return self._head(x[:, 0])
+
+    def _decode_layer(
+        self,
+        key: str,
+        layer: TransformerLayer,
+        x: torch.Tensor,
+        rope: RopeCache | None,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        kv_len: int,
+    ) -> torch.Tensor:
+        attn = layer.self_attention
+        q, k, v = attn.project_qkv(layer.input_norm(x), rope)  # (b, n_heads, 1, d), (b, n_kv, 1, d) x2
+        self.cache.write_token(key, positions, k, v)
+        k_all, v_all = self.cache.view(key, x.shape[0], kv_len)  # (b, n_kv, L, d)
+        out = single_query_attention(q, k_all, v_all, mask, attn.group_size)  # (b, n_heads, 1, d)
+        x = x + attn.linear_proj(_merge_heads(out))
+        return x + layer.mlp(layer.pre_mlp_norm(x))
+
+
+def check_runnable(model: GPTModel) -> None:
+    """The runner needs the whole model in one process (pipeline stages are not supported)."""
+    config = model.config
+    if not (model.pre_process and model.post_process and len(model.layers) == config.num_layers):
+        raise ValueError(
+            "the native engine needs a whole GPTModel (every layer, embedding and output head); "
+            "pipeline-parallel stages are not supported"
+        )
+
+
+def bucket_at_least(n: int, limit: int, smallest: int = 1) -> int:
+    """The smallest power of two >= max(n, smallest), capped at `limit` (itself a bucket)."""
+    size = smallest
+    while size < n:
+        size *= 2
+    return min(size, limit)
+
+
+class CudaGraphDecoder:
+    """Decode steps captured as CUDA graphs, one per (batch rows, kv length) bucket, on first use.
+
+    Static inputs: the engine's next-token buffer and a positions buffer (num_slots entries each); a
+    graph reads a prefix of them and writes its own logits buffer; all graphs share one memory pool
+    (replays are sequential and a graph's temporaries are dead after it). A graph holds the addresses
+    of the weights and the KV cache: `valid_for` tells whether the model's parameters still live where
+    they were captured (in-place updates keep them; `.to()`, offload or another model do not).
+    """
+
+    MIN_KV_BUCKET = 256
+
+    def __init__(self, runner: ModelRunner, tokens: torch.Tensor):
+        """tokens (num_slots,) int64: the engine's buffer of each slot's next input token, read in place."""
+        self.runner, self.tokens = runner, tokens
+        self.positions = torch.zeros_like(tokens)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool: object | None = None
+        self._param_ptrs = _param_pointers(runner.model)
+
+    def valid_for(self, model: GPTModel) -> bool:
+        return model is self.runner.model and _param_pointers(model) == self._param_ptrs
+
+    def buckets(self, num_rows: int, kv_len: int) -> tuple[int, int]:
+        """(rows, kv length) of the graph that serves a decode of num_rows slots reading kv_len keys."""
+        cache = self.runner.cache
+        return (
+            bucket_at_least(num_rows, cache.num_slots),
+            bucket_at_least(kv_len, cache.max_len, self.MIN_KV_BUCKET),
+        )
+
+    def decode(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """ModelRunner.decode of tokens[:b] at positions (b,); b and kv_len must be bucket sizes. The
+        returned logits are the graph's output buffer: read them before the next call."""
+        b = positions.shape[0]
+        self.positions[:b].copy_(positions, non_blocking=True)
+        key = (b, kv_len)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(b, kv_len)
+        graph, logits = self._graphs[key]
+        graph.replay()
+        return logits
+
+    def _capture(self, b: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        tokens, positions = self.tokens[:b], self.positions[:b]
+        # Warm up on a side stream (lazy inits, allocator) as torch.cuda.graphs requires. The warm-up
+        # writes the same K/V the replay will write (same inputs), so it changes nothing.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.runner.decode(tokens, positions, kv_len)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self.runner.decode(tokens, positions, kv_len)
+        self._pool = graph.pool()
+        return graph, logits
+
+
+def _param_pointers(model: GPTModel) -> tuple[int, ...]:
+    return tuple(p.data_ptr() for p in model.parameters())

@@ -1,0 +1,164 @@
+"""Batched sampling on the device: temperature, top-k, top-p, greedy, seeded, with raw logprobs.
+
+Randomness is counter-based: the Gumbel noise of row r over the vocabulary is a hash of
+(the row's 64-bit key, the index of the token being sampled, vocab id), and a token is drawn as
+argmax(filtered_logits / temperature + gumbel) -- the Gumbel-max trick, an exact draw from
+softmax(filtered_logits / temperature). So a sample's randomness depends only on its key and
+position: not on which slot it sits in, what else is in the batch, the batch size, the tensor-parallel
+size or CUDA graphs. No per-row torch.Generator (one kernel per row per step) and no generator state to
+capture in a CUDA graph; every TP rank draws the same token from the same gathered logits.
+
+Logprobs are RAW: log_softmax of the unscaled, unfiltered logits at the chosen token (vLLM's
+logprobs_mode="raw_logprobs"), the quantity the trainer recomputes, whatever temperature or filter
+the token was drawn with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rollout.types import SamplingParams
+
+_MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), split in 16-bit halves so no int64 product overflows."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer (a bijection with full avalanche) on int64 holding uint32 values."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def uniform_noise(keys: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """keys (S, 2) int64 (low, high 32 bits), steps (S,) int64 -> uniforms (S, V) fp32 in (0, 1).
+
+    Pure function of (key, step, vocab id): reproducible anywhere, in any batch."""
+    row = _fmix32(_fmix32(keys[:, 0] ^ 0x9E3779B9) ^ keys[:, 1])  # (S,)
+    row = _fmix32(row ^ (steps & _MASK32))  # (S,)
+    vocab = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
+    h = _fmix32(row[:, None] ^ _fmix32(vocab ^ 0x632BE5AB)[None, :])  # (S, V)
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # 24 random bits, never 0 or 1
+
+
+def split_key(key: int) -> tuple[int, int]:
+    """A Python int key (any sign or size) -> its low and high 32 bits mod 2**64."""
+    key &= _MASK64
+    return key & _MASK32, key >> 32
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """logits (S, V) (already temperature-scaled), top_k (S,) int64 (V: off), top_p (S,) fp32 (1: off)
+    -> logits with the filtered-out tokens at -inf. Top-k first, then top-p over the top-k
+    renormalised distribution (vLLM's order); the most likely token is always kept."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (S, V)
+    rank = torch.arange(logits.shape[-1], device=logits.device)
+    keep = rank[None, :] < top_k[:, None]  # (S, V)
+    sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # (S, V) probability of the more likely tokens
+    keep = keep & (mass_before < top_p[:, None])
+    keep[:, 0] = True
+    sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
+
+
+@dataclass
+class SamplingRows:
+    """Per-row sampling parameters as device tensors, all (S,) except keys (S, 2)."""
+
+    temperature: torch.Tensor  # fp32; 0 = greedy
+    top_k: torch.Tensor  # int64; vocab_size = no top-k
+    top_p: torch.Tensor  # fp32; 1 = no top-p
+    keys: torch.Tensor  # int64 (S, 2): low, high 32 bits of the noise key
+
+    def index(self, rows: torch.Tensor) -> SamplingRows:
+        return SamplingRows(*(t.index_select(0, rows) for t in self._fields()))
+
+    def _fields(self) -> tuple[torch.Tensor, ...]:
+        return self.temperature, self.top_k, self.top_p, self.keys
+
+
+class SlotSamplingTable:
+    """The sampling parameters of every KV-cache slot, on the device, written when a slot is filled."""
+
+    def __init__(self, num_slots: int, vocab_size: int, device: torch.device):
+        self.vocab_size = vocab_size
+        self.rows = SamplingRows(
+            temperature=torch.ones(num_slots, device=device),
+            top_k=torch.full((num_slots,), vocab_size, dtype=torch.int64, device=device),
+            top_p=torch.ones(num_slots, device=device),
+            keys=torch.zeros(num_slots, 2, dtype=torch.int64, device=device),
+        )
+        self._filtered: set[int] = set()  # slots whose params use top-k or top-p
+        self._random: set[int] = set()  # slots that sample (temperature > 0)
+
+    def assign(self, slots: Sequence[int], params: Sequence[SamplingParams], keys: Sequence[int]) -> None:
+        """Write the params and noise keys of newly filled slots (one small host->device copy each)."""
+        device = self.rows.temperature.device
+        index = torch.tensor(list(slots), dtype=torch.int64, device=device)
+        values = SamplingRows(
+            temperature=torch.tensor([float(p.temperature) for p in params]),
+            top_k=torch.tensor([min(p.top_k or self.vocab_size, self.vocab_size) for p in params]),
+            top_p=torch.tensor([float(p.top_p) for p in params]),
+            keys=torch.tensor([split_key(k) for k in keys], dtype=torch.int64).view(-1, 2),
+        )
+        for table, new in zip(self.rows._fields(), values._fields(), strict=True):
+            table.index_copy_(0, index, new.to(device=device, dtype=table.dtype))
+        for slot, p in zip(slots, params, strict=True):
+            _set_membership(self._filtered, slot, needs_filter(p, self.vocab_size))
+            _set_membership(self._random, slot, not p.greedy)
+
+    def any_filtered(self, slots: Sequence[int]) -> bool:
+        return not self._filtered.isdisjoint(slots)
+
+    def any_random(self, slots: Sequence[int]) -> bool:
+        return not self._random.isdisjoint(slots)
+
+
+def _set_membership(members: set[int], slot: int, member: bool) -> None:
+    if member:
+        members.add(slot)
+    else:
+        members.discard(slot)
+
+
+def needs_filter(params: SamplingParams, vocab_size: int) -> bool:
+    return not params.greedy and ((params.top_k or vocab_size) < vocab_size or params.top_p < 1.0)
+
+
+def sample(
+    logits: torch.Tensor,
+    rows: SamplingRows,
+    steps: torch.Tensor,
+    apply_filters: bool = True,
+    any_random: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (S, V) full-vocab, steps (S,) index of the token being drawn in its sample ->
+    token ids (S,) int64 and their raw logprobs (S,) fp32.
+
+    Greedy rows (temperature 0) take the argmax of the raw logits (first index on ties, as torch and
+    HF do). The caller may skip work it knows is not needed: apply_filters=False when no row uses
+    top-k/top-p (no vocab sort), any_random=False when every row is greedy (no noise)."""
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1)  # (S,)
+    if any_random:
+        greedy = rows.temperature == 0
+        scaled = logits / torch.where(greedy, 1.0, rows.temperature)[:, None]
+        if apply_filters:
+            scaled = filter_top_k_top_p(scaled, rows.top_k, rows.top_p)
+        gumbel = -torch.log(-torch.log(uniform_noise(rows.keys, steps, logits.shape[-1])))
+        tokens = torch.where(greedy, tokens, (scaled + gumbel).argmax(dim=-1))
+    logprobs = logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)  # (S,)
+    return tokens, logprobs

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from pydantic import Field, model_validator
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from algorithms.evaluation import accuracy
 from algorithms.model_config import ModelConfig
-from algorithms.schedules import build_adamw, build_scheduler
+from algorithms.schedules import build_scheduler
 from core.checkpoint.checkpointer import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from core.checkpoint.sharded import load_full_state
 from core.config import (
     OptimConfig,
     ParallelConfig,
@@ -33,9 +34,13 @@ from core.config import (
     dump_config,
 )
 from core.data.pretrain_dataset import PretrainBatches
+from core.engine import ModelEngine
 from core.errors import InputError
+from core.parallel.dims import Groups, ParallelDims, build_groups, validate_model_layout
+from core.parallel.launch import launch
 from core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
-from core.utils.metrics import MetricsLogger, plot_metrics
+from core.transformer.model import GPTModel
+from core.utils.metrics import MetricsLogger, plot_metrics, read_metrics
 
 
 class DatasetSpec(Schema):
@@ -54,7 +59,9 @@ class SyntheticConfig(Schema):
     def _enough_problems(self) -> SyntheticConfig:
         distinct = len(self.ops) * 100**self.digits
         if self.n_train + self.n_eval > distinct:
-            raise ValueError(f"n_train + n_eval = {self.n_train + self.n_eval} but only {distinct} distinct problems exist")
+            raise ValueError(
+                f"n_train + n_eval = {self.n_train + self.n_eval} but only {distinct} distinct problems exist"
+            )
         return self
 
 
@@ -92,126 +99,32 @@ class PretrainConfig(Schema):
 
 
 @dataclass
+@dataclass
 class TrainerState:
     step: int = 0
     tokens_seen: int = 0
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("train.device=cuda but no CUDA device is available")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("train.device=cuda but no CUDA device is available")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(name)
 
 
-def autocast_dtype(precision: PrecisionConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where the device supports it; fp32 (None) on CPU unless asked otherwise."""
-    if precision.dtype == "fp32":
-        return None
-    if precision.dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    return torch.bfloat16 if precision.dtype == "bf16" else torch.float16
-
-
-def token_loss_sum(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum over tokens of the masked next-token loss, MoE aux loss) for one micro-batch."""
-    logits = model(
-        batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"]
-    )  # (B, T, V/tp)
-    per_token = vocab_parallel_cross_entropy(logits, batch["labels"], model_tp_group(model))  # (B, T)
-    aux = model.aux_loss if model.aux_loss is not None else torch.zeros((), device=logits.device)
-    return (per_token * batch["loss_mask"]).sum(), aux
-
-
-def model_tp_group(model: torch.nn.Module):
-    return model.output_layer.tp_group
-
-
-def train_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    micro_batches: list[dict[str, torch.Tensor]],
-    clip_grad: float,
-    amp_dtype: torch.dtype | None,
-) -> dict[str, float]:
-    """One optimizer step over gradient-accumulation micro-batches.
-
-    The loss is the mean over all loss tokens of the step (not a mean of per-micro-batch means), so the
-    result does not depend on how the global batch is split into micro-batches.
-    """
-    n_tokens = sum(float(mb["loss_mask"].sum()) for mb in micro_batches)
-    device_type = micro_batches[0]["input_ids"].device.type
-    optimizer.zero_grad(set_to_none=True)
-    loss_total, aux_total = 0.0, 0.0
-    for mb in micro_batches:
-        with torch.autocast(device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            loss_sum, aux = token_loss_sum(model, mb)
-        (loss_sum / max(n_tokens, 1.0) + aux / len(micro_batches)).backward()
-        loss_total += float(loss_sum.detach())
-        aux_total += float(aux.detach()) / len(micro_batches)
-    max_norm = clip_grad if clip_grad > 0 else float("inf")
-    grad_norm = float(
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
-    )
-    optimizer.step()
-    metrics = {
-        "train/loss": loss_total / max(n_tokens, 1.0),
-        "train/grad_norm": grad_norm,
-        "tokens": n_tokens,
-    }
-    if model.config.is_moe:
-        metrics["train/moe_aux_loss"] = aux_total
-    return metrics
-
-
-# ------------------------------------------------------------------------------------- save / resume
-
-
-def save(
-    run_dir: Path, model, optimizer, scheduler, state: TrainerState, data_state: dict, keep_last: int
-) -> None:
-    model_state, optim_state = get_state_dict(model, optimizer)
-    trainer_state: dict[str, Any] = {
-        **dataclasses.asdict(state),
-        "scheduler": scheduler.state_dict(),
-        "data": data_state,
-    }
-    save_checkpoint(
-        run_dir / "checkpoints",
-        state.step,
-        {"model": model_state},
-        {"optim": optim_state},
-        trainer_state,
-        keep_last,
-    )
-
-
-def maybe_resume(run_dir: Path, model, optimizer, scheduler) -> tuple[TrainerState, dict | None]:
-    """Restores model, optimizer, scheduler, RNG and data position from the newest complete checkpoint."""
-    path = latest_checkpoint(run_dir / "checkpoints")
-    if path is None:
-        return TrainerState(), None
-    model_state, optim_state = get_state_dict(model, optimizer)
-    wrapped_model, wrapped_optim = {"model": model_state}, {"optim": optim_state}
-    trainer_state = load_checkpoint(path, wrapped_model, wrapped_optim)
-    set_state_dict(
-        model, optimizer, model_state_dict=wrapped_model["model"], optim_state_dict=wrapped_optim["optim"]
-    )
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    set_rng_state(trainer_state["rng"])
-    state = TrainerState(**{f.name: trainer_state[f.name] for f in dataclasses.fields(TrainerState)})
-    return state, trainer_state["data"]
-
-
-def save_hf_export(model: torch.nn.Module, out_dir: Path, tokenizer_dir: str | None) -> None:
-    from core.bridge import save_hf
-
-    save_hf(model, out_dir, tokenizer_dir=tokenizer_dir)
+def param_dtype(precision: PrecisionConfig, device: torch.device) -> torch.dtype:
+    """Parameter dtype: bf16 (with fp32 master weights and main grads) where the device supports it, else
+    fp32 (CPU default). fp16 is refused until the dynamic loss scaler is wired into this loop."""
+    if precision.dtype == "fp16":
+        raise InputError("precision.dtype=fp16 is not supported by rl pretrain yet: use bf16 or fp32")
+    if precision.dtype == "bf16" or (
+        precision.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    ):
+        return torch.bfloat16
+    return torch.float32
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -305,153 +218,308 @@ def round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def build_model(cfg: PretrainConfig, vocab_size: int, device: torch.device) -> torch.nn.Module:
+def build_full_model(cfg: PretrainConfig, vocab_size: int) -> GPTModel:
+    """The whole model on the CPU in fp32, seeded: every layout starts from these exact weights."""
     from core.bridge import load_hf
-    from core.transformer.model import GPTModel
 
     torch.manual_seed(cfg.train.seed)
-    if cfg.model.init_from is not None:
-        model = load_hf(cfg.model.init_from)
-    else:
-        model = GPTModel(transformer_config(cfg.model, vocab_size))
+    model = (
+        load_hf(cfg.model.init_from)
+        if cfg.model.init_from
+        else GPTModel(transformer_config(cfg.model, vocab_size))
+    )
     if model.config.vocab_size < vocab_size:
         raise InputError(
             f"model vocab_size={model.config.vocab_size} is smaller than the tokenizer's {vocab_size}"
         )
-    return model.to(device)
+    return model
+
+
+def next_token_loss(tp_group, n_tokens: torch.Tensor):
+    """loss_fn for the schedules: the micro-batch's token-loss sum over the step's global token count."""
+
+    def loss_fn(logits: torch.Tensor, mb: dict[str, torch.Tensor]):
+        per_token = vocab_parallel_cross_entropy(logits, mb["labels"], tp_group)  # (B, T) fp32
+        loss_sum = (per_token * mb["loss_mask"]).sum()
+        return loss_sum / n_tokens, {"loss_sum": loss_sum.detach(), "tokens": mb["loss_mask"].sum()}
+
+    return loss_fn
 
 
 # ------------------------------------------------------------------------------------------------ run
 
 
 class Trainer:
-    """One pretraining run in one process: phases `step`, `evaluate`, `save`, composed by `fit`."""
+    """One rank of a pretraining run: phases `step`, `evaluate`, `save`, composed by `fit`.
 
-    def __init__(self, cfg: PretrainConfig):
-        self.cfg = cfg
+    A single process runs with groups=None; `rl pretrain` with parallel.* > 1 starts one Trainer per rank.
+    """
+
+    def __init__(self, cfg: PretrainConfig, groups: Groups | None = None, rank: int = 0):
+        self.cfg, self.groups, self.rank = cfg, groups, rank
+        self.is_logger = rank == 0
         self.run_dir = Path(cfg.run.dir)
-        self.device = resolve_device(cfg.train.device)
-        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        self.device = resolve_device(cfg.train.device, rank)
         self.data = prepare_data(cfg, self.run_dir)
-        self.model = build_model(cfg, len(self.data.tokenizer), self.device)
-        params = list(self.model.parameters())
-        self.optimizer = build_adamw(params, cfg.optim, fused=self.device.type == "cuda")
-        self.scheduler = build_scheduler(self.optimizer, cfg.train.max_steps, cfg.optim)
-        torch.manual_seed(cfg.train.seed)
-        self.state, data_state = maybe_resume(self.run_dir, self.model, self.optimizer, self.scheduler)
-        self.batches = PretrainBatches(self.data.dataset, cfg.train.micro_batch_size, cfg.train.seed)
-        if data_state is not None:
-            self.batches.load_state_dict(data_state)
+        full = build_full_model(cfg, len(self.data.tokenizer))
+        self.config = full.config
+        self.engine = ModelEngine(
+            self.config,
+            cfg.parallel,
+            cfg.optim,
+            groups,
+            self.device,
+            full.state_dict(),
+            param_dtype(cfg.precision, self.device),
+        )
+        del full
+        self.scheduler = build_scheduler(self.engine.optimizer, cfg.train.max_steps, cfg.optim)
+        dp_rank, dp_size = (groups.dp_rank, groups.dp_size) if groups else (0, 1)
+        self.grad_accum = cfg.train.grad_accum_steps(dp_size)
+        self.batches = PretrainBatches(
+            self.data.dataset, cfg.train.micro_batch_size, cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size
+        )
+        torch.manual_seed(cfg.train.seed + rank)
+        self.state = TrainerState()
+        self.maybe_resume()
+
+    @property
+    def tp_group(self):
+        return self.groups.tp_group if self.groups else None
+
+    def _all_reduce(self, x: torch.Tensor, group_name: str) -> torch.Tensor:
+        if self.groups is not None:
+            dist.all_reduce(x, group=getattr(self.groups, group_name))
+        return x
 
     def step(self) -> dict[str, float]:
         micro_batches = [
-            {k: v.to(self.device) for k, v in next(self.batches).items()}
-            for _ in range(self.cfg.train.grad_accum_steps)
+            {k: v.to(self.device) for k, v in next(self.batches).items()} for _ in range(self.grad_accum)
         ]
+        n_tokens = torch.stack([mb["loss_mask"].sum() for mb in micro_batches]).sum().to(torch.float64)
+        n_tokens = self._all_reduce(n_tokens, "dp_group").clamp(min=1.0)
         lr = self.scheduler.get_last_lr()[0]
-        metrics = train_step(
-            self.model, self.optimizer, micro_batches, self.cfg.optim.clip_grad, self.amp_dtype
+        result = self.engine.train_step(
+            micro_batches, next_token_loss(self.tp_group, n_tokens.float()), self.cfg.optim.clip_grad
         )
         self.scheduler.step()
         self.state.step += 1
-        self.state.tokens_seen += int(metrics.pop("tokens"))
-        metrics["train/lr"] = lr
-        return metrics
+        self.state.tokens_seen += int(n_tokens)
+        return {
+            "train/loss": result.loss / float(n_tokens),
+            "train/grad_norm": result.grad_norm,
+            "train/lr": lr,
+        }
+
+    def eval_micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The held-out problems' full texts as micro-batches of equal length (no padding needed)."""
+        tok = self.data.tokenizer
+        by_len: dict[int, list[list[int]]] = {}
+        for p in self.data.eval_problems:
+            ids = tok(p["prompt"] + p["answer"])["input_ids"] + [tok.eos_token_id]
+            by_len.setdefault(len(ids), []).append(ids)
+        out = []
+        for rows in by_len.values():
+            ids = torch.tensor(rows, device=self.device)  # (B, T + 1)
+            B, T = ids.shape[0], ids.shape[1] - 1
+            out.append(
+                {
+                    "input_ids": ids[:, :-1],
+                    "labels": ids[:, 1:],
+                    "loss_mask": torch.ones(B, T, device=self.device),
+                    "position_ids": torch.arange(T, device=self.device).expand(B, T),
+                    "segment_ids": torch.zeros(B, T, dtype=torch.long, device=self.device),
+                }
+            )
+        return out
 
     def evaluate(self) -> dict[str, float]:
+        """Held-out loss (every layout) and greedy accuracy (on the whole model, rank 0)."""
         if not self.data.eval_problems:
             return {}
-        from core.data.synthetic import score_arithmetic
-
-        acc = accuracy(
-            self.model,
-            self.data.tokenizer,
-            self.data.eval_problems,
-            score_arithmetic,
-            self.cfg.eval.max_new_tokens,
-            self.device,
+        mbs = self.eval_micro_batches()
+        # Every dp rank evaluates the same problems: divide the dp-summed loss by dp as well.
+        total = sum(float(mb["loss_mask"].sum()) for mb in mbs) * (self.groups.dp_size if self.groups else 1)
+        loss_sum = self.engine.forward_only(
+            mbs, next_token_loss(self.tp_group, torch.tensor(1.0)), "loss_sum"
         )
-        return {"eval/accuracy": acc, "eval/loss": self.eval_loss()}
+        metrics = {"eval/loss": loss_sum / total}
+        model = self.whole_model()
+        if model is not None:
+            from core.data.synthetic import score_arithmetic
 
-    @torch.no_grad()
-    def eval_loss(self) -> float:
-        """Teacher-forced loss on the held-out problems' full texts, batched by length."""
-        tok = self.data.tokenizer
-        rows = [tok(p["prompt"] + p["answer"])["input_ids"] + [tok.eos_token_id] for p in self.data.eval_problems]
-        by_len: dict[int, list[list[int]]] = {}
-        for ids in rows:
-            by_len.setdefault(len(ids), []).append(ids)
-        total, count = 0.0, 0
-        self.model.eval()
-        for group in by_len.values():
-            ids = torch.tensor(group, device=self.device)  # (B, T+1)
-            loss = vocab_parallel_cross_entropy(self.model(ids[:, :-1]).float(), ids[:, 1:], None)  # (B, T)
-            total, count = total + float(loss.sum()), count + loss.numel()
-        self.model.train()
-        return total / max(count, 1)
+            metrics["eval/accuracy"] = accuracy(
+                model,
+                self.data.tokenizer,
+                self.data.eval_problems,
+                score_arithmetic,
+                self.cfg.eval.max_new_tokens,
+                self.device,
+            )
+        return metrics
+
+    def whole_model(self) -> GPTModel | None:
+        """The full model for greedy decoding: the single chunk when unsharded, else read back on rank 0 from
+        the newest checkpoint (so evaluation of sharded layouts runs at checkpoints)."""
+        if self.groups is None:
+            return self.engine.chunks[0]
+        if self.rank != 0:
+            return None
+        path = latest_checkpoint(self.run_dir / "checkpoints")
+        state = load_full_state(path / "model")
+        model = GPTModel(self.config)
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("optim.")}, strict=False)
+        return model.to(self.device)
+
+    # ---- checkpoints --------------------------------------------------------------------------------
 
     def save(self) -> None:
-        save(
-            self.run_dir,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.state,
-            self.batches.state_dict(),
+        trainer_state: dict[str, Any] = {
+            **dataclasses.asdict(self.state),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.batches.state_dict(),
+        }
+        save_checkpoint(
+            self.run_dir / "checkpoints",
+            self.state.step,
+            self.engine.sharded_state(),
+            None,
+            trainer_state,
             self.cfg.train.keep_last,
         )
 
+    def maybe_resume(self) -> None:
+        """Restores model, optimizer, scheduler, RNG and data position from the newest complete checkpoint
+        (written at any parallel layout)."""
+        path = latest_checkpoint(self.run_dir / "checkpoints")
+        if path is None:
+            return
+        template = self.engine.load_template(path / "model")
+        trainer_state = load_checkpoint(path, template, None)
+        self.engine.finish_load(template)
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        if "rng" in trainer_state:
+            set_rng_state(trainer_state["rng"])
+        self.state = TrainerState(**{f.name: trainer_state[f.name] for f in dataclasses.fields(TrainerState)})
+        self.batches.load_state_dict(trainer_state["data"])
+
+    def export(self) -> Path | None:
+        """hf/ on rank 0: the whole model as a Hugging Face checkpoint, written under a temporary name."""
+        model = self.whole_model()
+        if model is None:
+            return None
+        from core.bridge import save_hf
+
+        out, tmp = self.run_dir / "hf", self.run_dir / ".tmp-hf"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_hf(model.float(), tmp, tokenizer_dir=self.data.tokenizer_dir)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        return out
+
+    # ---- loop ---------------------------------------------------------------------------------------
+
+    def _due(self, every: int) -> bool:
+        return (every > 0 and self.state.step % every == 0) or self.state.step == self.cfg.train.max_steps
+
     def fit(self) -> dict[str, float]:
         tcfg = self.cfg.train
-        logger = MetricsLogger(self.run_dir, resume_step=self.state.step)
-        bar = _progress(tcfg.max_steps, self.state.step, tcfg.progress_bar)
+        logger = MetricsLogger(self.run_dir, resume_step=self.state.step) if self.is_logger else None
+        bar = _progress(tcfg.max_steps, self.state.step, tcfg.progress_bar and self.is_logger)
         last: dict[str, float] = {}
         window_tokens, window_start = 0, time.perf_counter()
         while self.state.step < tcfg.max_steps:
             tokens_before = self.state.tokens_seen
             metrics = self.step()
             window_tokens += self.state.tokens_seen - tokens_before
-            step = self.state.step
-            if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+            saved = self._due(tcfg.save_every)
+            if saved:
+                self.save()
+            # Sharded layouts evaluate from checkpoints; a single process whenever asked.
+            if self._due(tcfg.eval_every) and (saved or self.groups is None):
+                metrics.update(self.evaluate())
+            if self._due(tcfg.log_every) or "eval/loss" in metrics:
                 elapsed = time.perf_counter() - window_start
                 metrics["perf/tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
                 metrics["train/tokens_seen"] = self.state.tokens_seen
                 window_tokens, window_start = 0, time.perf_counter()
-                if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.max_steps:
-                    metrics.update(self.evaluate())
-                logger.log(step, metrics)
+                if logger is not None:
+                    logger.log(self.state.step, metrics)
                 last = metrics
                 bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items() if k in SHOWN})
-            if (tcfg.save_every and step % tcfg.save_every == 0) or step == tcfg.max_steps:
-                self.save()
             bar.update(1)
         bar.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
         return last
-
-    def export(self) -> Path:
-        out = self.run_dir / "hf"
-        tmp = self.run_dir / ".tmp-hf"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_hf_export(self.model, tmp, self.data.tokenizer_dir)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-        return out
 
 
 SHOWN = ("train/loss", "train/lr", "eval/accuracy")
 
 
+def validate_layout(cfg: PretrainConfig, config) -> ParallelDims:
+    """The layout is checked against the model before any rank starts."""
+    par = cfg.parallel
+    dims = ParallelDims(tp=par.tp, cp=par.cp, ep=par.ep, dp=par.dp, pp=par.pp, world_size=par.world_size)
+    validate_model_layout(dims, _LayoutView(config, par.vpp))
+    cfg.train.grad_accum_steps(par.dp)
+    if par.cp > 1:
+        raise InputError("parallel.cp > 1 is not wired into rl pretrain yet (the core supports it in tests)")
+    if par.ep > 1:
+        raise InputError("parallel.ep > 1 is not wired into rl pretrain yet (the core supports it in tests)")
+    return dims
+
+
+@dataclass
+class _LayoutView:
+    config: Any
+    virtual_pipeline_size: int
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.config, name)
+
+
+def _rank_main(rank: int, world_size: int, cfg_dict: dict[str, Any]) -> None:
+    cfg = PretrainConfig.model_validate(cfg_dict)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    groups = build_groups(_dims(cfg), rank)
+    trainer = Trainer(cfg, groups, rank)
+    trainer.fit()
+    trainer.export()
+    dist.barrier()
+
+
+def _dims(cfg: PretrainConfig) -> ParallelDims:
+    par = cfg.parallel
+    return ParallelDims(tp=par.tp, cp=par.cp, ep=par.ep, dp=par.dp, pp=par.pp, world_size=par.world_size)
+
+
 def run_pretrain(cfg: PretrainConfig) -> dict[str, float]:
-    """Checks every input, then trains to train.max_steps (resuming from run.dir) and exports hf/."""
+    """Checks every input, then trains to train.max_steps (resuming from run.dir) and exports hf/.
+
+    With parallel.* asking for several ranks it starts them itself (gloo on CPU, NCCL on GPU).
+    """
     check_inputs(cfg)
     run_dir = Path(cfg.run.dir)
+    data = prepare_data(cfg, run_dir)  # generated once, before any rank starts
+    validate_layout(cfg, transformer_config_for(cfg, len(data.tokenizer)))
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    trainer = Trainer(cfg)
-    if trainer.state.step >= cfg.train.max_steps:
-        print(f"run {run_dir} is already complete at step {trainer.state.step}")
-    metrics = trainer.fit()
-    trainer.export()
+    metrics: dict[str, float] = {}
+    if cfg.parallel.world_size == 1:
+        trainer = Trainer(cfg)
+        metrics = trainer.fit()
+        trainer.export()
+    else:
+        launch(_rank_main, cfg.parallel.world_size, cfg.model_dump(mode="json"))
+        metrics = read_metrics(run_dir)[-1]
     plot_metrics(run_dir, ["train/loss", "eval/loss", "train/lr", "eval/accuracy"])
     return metrics
+
+
+def transformer_config_for(cfg: PretrainConfig, vocab_size: int):
+    if cfg.model.init_from:
+        from core.bridge.hf import read_hf_config
+
+        return read_hf_config(cfg.model.init_from)[1]
+    return transformer_config(cfg.model, vocab_size)

@@ -13,6 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core.errors import InputError
+
 
 class Schema(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are validated."""
@@ -28,16 +30,27 @@ class RunConfig(Schema):
 class TrainConfig(Schema):
     max_steps: int = Field(100, ge=1, description="optimizer steps to run in total (resume continues to it)")
     seed: int = Field(1234, ge=0)
+    global_batch_size: int = Field(32, ge=1, description="sequences per optimizer step, over all dp ranks")
     micro_batch_size: int = Field(
-        8, ge=1, description="sequences per forward/backward on one data-parallel rank"
+        8, ge=1, description="sequences per forward/backward on one data-parallel rank; accumulation fills the rest"
     )
-    grad_accum_steps: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
     save_every: int = Field(0, ge=0, description="0: save only at the end")
     keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
     progress_bar: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+    def grad_accum_steps(self, dp: int) -> int:
+        """Micro-batches per step on each dp rank (Megatron's convention: gbs = mbs * dp * accumulation)."""
+        per_step = self.micro_batch_size * dp
+        if self.global_batch_size % per_step:
+            raise InputError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                f"train.micro_batch_size * parallel.dp = {per_step}"
+            )
+        return self.global_batch_size // per_step
 
 
 class OptimConfig(Schema):

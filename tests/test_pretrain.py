@@ -30,8 +30,8 @@ FAST = [
     "data.synthetic.n_train=2000",
     "data.synthetic.n_eval=50",
     "eval.num_problems=20",
+    "train.global_batch_size=16",
     "train.micro_batch_size=8",
-    "train.grad_accum_steps=2",
     "train.log_every=1",
     "train.eval_every=0",
     "train.progress_bar=false",
@@ -42,7 +42,9 @@ FAST = [
 def rl_pretrain(run_dir: Path, *overrides: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "rl.cli", "pretrain", str(TINY), *FAST, f"run.dir={run_dir}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -79,12 +81,21 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
 def test_run_directory_export_and_falling_loss(tmp_path):
     run_dir = tmp_path / "run"
-    cfg = load_config(PretrainConfig, TINY, [*FAST, f"run.dir={run_dir}", "train.max_steps=30", "optim.lr=3e-3"])
+    cfg = load_config(
+        PretrainConfig, TINY, [*FAST, f"run.dir={run_dir}", "train.max_steps=30", "optim.lr=3e-3"]
+    )
     run_pretrain(cfg)
     rows = read_metrics(run_dir)
     first, last = rows[0]["train/loss"], rows[-1]["train/loss"]
     assert last < 0.7 * first, (first, last)
-    for key in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "eval/accuracy", "eval/loss"):
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "perf/tokens_per_s",
+        "eval/accuracy",
+        "eval/loss",
+    ):
         assert key in rows[-1], key
     assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.png").is_file()
     assert any((run_dir / "tensorboard").iterdir())
@@ -95,11 +106,12 @@ def test_run_directory_export_and_falling_loss(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     trainer = Trainer(cfg)  # resumes the finished run: the trained weights
+    model = trainer.engine.chunks[0]
     hf = AutoModelForCausalLM.from_pretrained(run_dir / "hf", dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(run_dir / "hf")
     ids = torch.tensor([tok("12+34=46")["input_ids"], tok("98+76=17")["input_ids"]])
     with torch.no_grad():
-        ours = trainer.model.eval()(ids)
+        ours = model.eval()(ids)
         theirs = hf(ids).logits
     assert (ours - theirs).abs().max().item() < 1e-4
 
@@ -108,9 +120,14 @@ def test_bad_paths_exit_2_and_write_nothing(tmp_path):
     run_dir = tmp_path / "run"
     proc = rl_pretrain(run_dir, "model.init_from=/nonexistent/model")
     out = finish_code(proc, 2)
-    assert out.strip().splitlines()[-1] == "error: model.init_from: no HF checkpoint (config.json) at /nonexistent/model"
+    assert (
+        out.strip().splitlines()[-1]
+        == "error: model.init_from: no HF checkpoint (config.json) at /nonexistent/model"
+    )
     assert not run_dir.exists()
-    proc = rl_pretrain(run_dir, "data.synthetic=null", "data.datasets=[{path: /nope/corpus}]", "data.tokenizer=/nope/tok")
+    proc = rl_pretrain(
+        run_dir, "data.synthetic=null", "data.datasets=[{path: /nope/corpus}]", "data.tokenizer=/nope/tok"
+    )
     assert "tokenizer path not found: /nope/tok" in finish_code(proc, 2)
     assert not run_dir.exists()
 

@@ -1,0 +1,213 @@
+"""Where roles run: Ray placement groups ("pools") of bundles, and the placement config.
+
+A bundle is the unit a worker is placed on: one GPU (plus some CPUs) on GPU clusters, one worker process'
+worth of CPU on CPU machines. A pool reserves its bundles up front (so a run either gets all its
+resources or fails fast, naming what is missing) and hands them to worker groups.
+
+Modes:
+- colocated: every role (policy, reference, generation, ...) shares one pool; on each bundle every role
+  gets an equal fraction of its CPUs/GPUs so that all of them fit together. Each role still runs in its
+  own actor (own process), see worker_group.py for why.
+- disaggregated: one pool per role, of its own size; roles run concurrently on separate devices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import ray
+from pydantic import Field, model_validator
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from core.config import Schema
+from core.errors import InputError
+
+Strategy = Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"]
+
+
+class PlacementTimeoutError(RuntimeError):
+    """A pool's bundles could not be reserved in time; the message names the resources missing."""
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
+
+
+def _missing(need: dict[str, float], have: dict[str, float]) -> dict[str, float]:
+    return {k: v - have.get(k, 0.0) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+
+
+class ResourcePool:
+    """`num_bundles` copies of `bundle` reserved as one Ray placement group.
+
+    strategy: STRICT_PACK (all on one node: required for NCCL over NVLink within a node), PACK (one node
+    if possible), SPREAD / STRICT_SPREAD (across nodes). Blocks until the group is ready, at most
+    timeout_s, then raises PlacementTimeoutError naming the missing resources (and frees the request).
+    """
+
+    def __init__(
+        self,
+        num_bundles: int,
+        bundle: dict[str, float] | None = None,
+        name: str = "pool",
+        *,
+        strategy: Strategy = "PACK",
+        timeout_s: float = 120.0,
+    ) -> None:
+        if num_bundles < 1:
+            raise InputError(f"pool {name!r}: num_bundles={num_bundles} must be >= 1")
+        self.num_bundles = num_bundles
+        self.bundle = dict(bundle or {"CPU": 1.0})
+        self.name = name
+        self.strategy = strategy
+        self.placement_group: PlacementGroup = placement_group(
+            [dict(self.bundle) for _ in range(num_bundles)], strategy=strategy, name=name
+        )
+        self._wait_ready(timeout_s)
+
+    @property
+    def total(self) -> dict[str, float]:
+        return {k: v * self.num_bundles for k, v in self.bundle.items()}
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        try:
+            ray.get(self.placement_group.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            message = self._shortage_message(timeout_s)
+            remove_placement_group(self.placement_group)
+            raise PlacementTimeoutError(message) from None
+
+    def _shortage_message(self, timeout_s: float) -> str:
+        cluster, free = ray.cluster_resources(), ray.available_resources()
+        missing = _missing(self.total, cluster)
+        where = "on one node " if self.strategy == "STRICT_PACK" else ""
+        what = (
+            f"missing {_fmt(missing)} in the whole cluster"
+            if missing
+            else f"busy: {_fmt(_missing(self.total, free))} of it is held by others, or no node fits the "
+            f"{self.strategy} layout"
+        )
+        return (
+            f"pool {self.name!r} could not reserve {self.num_bundles} x {_fmt(self.bundle)} = "
+            f"{_fmt(self.total)} {where}within {timeout_s:g}s: {what} (cluster {_fmt(cluster)}, "
+            f"free {_fmt(free)}). Use fewer/smaller bundles or a larger cluster."
+        )
+
+    def scheduling(self, bundle_index: int) -> PlacementGroupSchedulingStrategy:
+        """Scheduling strategy that puts an actor on bundle `bundle_index` of this pool."""
+        if not 0 <= bundle_index < self.num_bundles:
+            raise IndexError(f"pool {self.name!r} has {self.num_bundles} bundles, asked for {bundle_index}")
+        return PlacementGroupSchedulingStrategy(
+            self.placement_group,
+            placement_group_bundle_index=bundle_index,
+            placement_group_capture_child_tasks=False,
+        )
+
+    def remove(self) -> None:
+        """Release the bundles (actors still on them are killed by Ray)."""
+        remove_placement_group(self.placement_group)
+
+    def __repr__(self) -> str:
+        return f"ResourcePool({self.name!r}, {self.num_bundles} x {_fmt(self.bundle)}, {self.strategy})"
+
+
+class Placement(Schema):
+    """How roles map onto devices (config section `placement`)."""
+
+    mode: Literal["colocated", "disaggregated"] = Field(
+        "colocated", description="colocated: all roles share one pool; disaggregated: one pool per role"
+    )
+    num_bundles: int = Field(1, ge=1, description="colocated: bundles of the shared pool")
+    pools: dict[str, int] = Field(
+        default_factory=dict, description="disaggregated: bundles per role, e.g. {policy: 4, generation: 2}"
+    )
+    gpus_per_bundle: Literal[0, 1] = Field(0, description="1: one bundle per GPU; 0: CPU-only bundles")
+    cpus_per_bundle: float = Field(1.0, gt=0, description="CPUs reserved with each bundle")
+    strategy: Strategy = "PACK"
+    ready_timeout_s: float = Field(120.0, gt=0, description="how long to wait for the cluster to fit a pool")
+
+    @model_validator(mode="after")
+    def _pools_match_mode(self) -> Placement:
+        if self.mode == "colocated" and self.pools:
+            raise ValueError(
+                "placement.pools is for mode=disaggregated; colocated uses placement.num_bundles"
+            )
+        if self.mode == "disaggregated" and not self.pools:
+            raise ValueError("mode=disaggregated needs placement.pools, e.g. {policy: 1, generation: 1}")
+        bad = {role: n for role, n in self.pools.items() if n < 1}
+        if bad:
+            raise ValueError(f"placement.pools sizes must be >= 1, got {bad}")
+        return self
+
+    @property
+    def bundle(self) -> dict[str, float]:
+        bundle = {"CPU": self.cpus_per_bundle}
+        if self.gpus_per_bundle:
+            bundle["GPU"] = float(self.gpus_per_bundle)
+        return bundle
+
+
+@dataclass(frozen=True)
+class RolePlacement:
+    """A role's pool and the fraction of each bundle it may use (1.0 unless colocated with other roles)."""
+
+    pool: ResourcePool
+    share: float
+
+    def worker_resources(self, world_size: int) -> dict[str, float]:
+        """WorkerGroup kwargs giving `world_size` workers of this role their share of the pool's bundles."""
+        per_bundle = max(1, math.ceil(world_size / self.pool.num_bundles))
+        fraction = _round_down(self.share / per_bundle)
+        return {
+            "num_cpus_per_worker": _round_down(self.pool.bundle.get("CPU", 0.0) * fraction),
+            "num_gpus_per_worker": _round_down(self.pool.bundle.get("GPU", 0.0) * fraction),
+        }
+
+
+def _round_down(x: float) -> float:
+    """Ray accounts resources in units of 1e-4: round down so that the shares still fit the bundle."""
+    return math.floor(x * 10_000) / 10_000
+
+
+def build_pools(placement: Placement, roles: list[str]) -> dict[str, RolePlacement]:
+    """Reserve the pools `placement` asks for and say where each role goes.
+
+    colocated: one pool of placement.num_bundles shared by all `roles`, each getting 1/len(roles) of every
+    bundle. disaggregated: placement.pools[role] bundles per role, whole bundles.
+    """
+    if not roles:
+        raise InputError("build_pools needs at least one role")
+    if placement.mode == "colocated":
+        pool = ResourcePool(
+            placement.num_bundles,
+            placement.bundle,
+            name="colocated",
+            strategy=placement.strategy,
+            timeout_s=placement.ready_timeout_s,
+        )
+        return {role: RolePlacement(pool, share=1.0 / len(roles)) for role in roles}
+    missing = [role for role in roles if role not in placement.pools]
+    if missing:
+        raise InputError(
+            f"placement.pools has no size for {missing} (mode=disaggregated): add e.g. "
+            f"placement.pools.{missing[0]}=1"
+        )
+    placed: dict[str, RolePlacement] = {}
+    try:
+        for role in roles:
+            pool = ResourcePool(
+                placement.pools[role],
+                placement.bundle,
+                name=role,
+                strategy=placement.strategy,
+                timeout_s=placement.ready_timeout_s,
+            )
+            placed[role] = RolePlacement(pool, share=1.0)
+    except BaseException:
+        for role_placement in placed.values():  # all or nothing: free what was reserved
+            role_placement.pool.remove()
+        raise
+    return placed

@@ -6,6 +6,7 @@ Worlds (gloo, CPU, fp32, Mixtral-tiny: 4 experts, top-2, 2 layers):
   peer in layer 0; in layer 1 every token goes to ep rank 0, so ep rank 1 receives zero rows).
 - 4 ranks: tp=2 x ep=2 (dp=2; experts replicated over tp, each tp rank dispatches the same tokens) and
   ep=2 x edp=2 (dp=4: two ep groups, each expert held twice, its gradients summed over edp).
+The same worlds run with NCCL on GPUs (gpu-marked; each world needs as many devices as ranks).
 
 Reference: one process, one model holding every expert, on the concatenation of all data shards:
 loss = sum of token cross-entropies / all tokens + mean over shards of the aux loss of each shard's own
@@ -18,7 +19,8 @@ Tolerance: max |diff| <= 1e-5 * max |reference| per tensor (loss: relative 1e-5)
 grouping and summation order (experts run on row subsets, gradients of two shards are added by all-reduce
 or all-to-all); measured errors are <= 2e-6 of each tensor's scale (norm weights under the forced routing;
 5e-7 elsewhere), while a missing or doubled reduction, a wrong expert slice or a mis-routed row is off by
-O(tensor). Per-element rtol is meaningless for gradient entries that are sums with cancellation. AdamW is elementwise, so 3 steps keep the loss curves as close.
+O(tensor). Per-element rtol is meaningless for gradient entries that are sums with cancellation. NCCL runs
+are compared with the CPU reference, so GPU kernels' own rounding adds to that: 5e-5 there (TF32 off). AdamW is elementwise, so 3 steps keep the loss curves as close.
 """
 
 from __future__ import annotations
@@ -166,11 +168,16 @@ def _recorded_plans():
         moe.plan_dispatch = original
 
 
-def _parallel_run(case: Case, groups: Groups) -> dict[str, Any]:
-    model = _build(case, groups)
-    initial_experts = {n: p.detach().clone() for n, p in model.named_parameters() if is_expert(p)}
+def _to_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy (never the tensor itself: the optimizer updates params in place)."""
+    return t.detach().to("cpu", copy=True)
+
+
+def _parallel_run(case: Case, groups: Groups, device: torch.device) -> dict[str, Any]:
+    model = _build(case, groups).to(device)
+    initial_experts = {n: _to_cpu(p) for n, p in model.named_parameters() if is_expert(p)}
     optimizer = _AdamW(list(model.parameters()))
-    ids, labels = _shard(case, groups.dp_cp_rank)
+    ids, labels = (t.to(device) for t in _shard(case, groups.dp_cp_rank))
     shards, total_tokens = _num_shards(case), _num_shards(case) * B * T
     losses, grads = [], {}
     with _recorded_plans() as plans:
@@ -183,7 +190,7 @@ def _parallel_run(case: Case, groups: Groups) -> dict[str, Any]:
             dist.all_reduce(global_loss, group=groups.dp_cp_group)
             losses.append(global_loss.item())
             if step == 0:
-                grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+                grads = {n: _to_cpu(p.grad) for n, p in model.named_parameters()}
             optimizer.step()
     return {
         "losses": losses,
@@ -194,12 +201,17 @@ def _parallel_run(case: Case, groups: Groups) -> dict[str, Any]:
     }
 
 
-def _world(rank: int, world_size: int) -> dict[str, dict[str, Any]]:
+def _world(rank: int, world_size: int, backend: str) -> dict[str, dict[str, Any]]:
     torch.set_num_threads(1)
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity, as on the CPU
     results = {}
     for name, case in CASES.items():
         if case.world_size == world_size:
-            results[name] = _parallel_run(case, build_groups(_dims(case), rank))
+            results[name] = _parallel_run(case, build_groups(_dims(case), rank), device)
     return results
 
 
@@ -250,21 +262,34 @@ def _local(full: torch.Tensor, param: nn.Parameter, coords: dict[str, tuple[int,
     return full
 
 
-def _assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+def _assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str) -> None:
     err, scale = (got - want).abs().max().item(), want.abs().max().item()
-    assert got.shape == want.shape and err <= 1e-5 * scale, f"{what}: max |diff| {err:.2e}, scale {scale:.2e}"
+    assert got.shape == want.shape and err <= rtol * scale, f"{what}: max |diff| {err:.2e}, scale {scale:.2e}"
 
 
-@pytest.fixture(scope="module")
-def worlds() -> dict[str, list[dict[str, Any]]]:
-    """Case name -> per-rank results; one 2-rank and one 4-rank world for all cases."""
+@pytest.fixture(scope="module", params=["gloo", pytest.param("nccl", marks=pytest.mark.gpu)])
+def worlds(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """{"rtol": ..., case name: per-rank results}: one 2-rank and one 4-rank world for all cases (NCCL: the
+    worlds that fit the visible GPUs)."""
     from dist import run_distributed
 
-    results: dict[str, list[dict[str, Any]]] = {}
-    for world_size in sorted({c.world_size for c in CASES.values()}):
-        ranks = run_distributed(_world, world_size, timeout=180)
+    backend = request.param
+    sizes = sorted({c.world_size for c in CASES.values()})
+    if backend == "nccl":
+        sizes = [n for n in sizes if n <= torch.cuda.device_count()]
+        if not sizes:
+            pytest.skip("needs 2 CUDA devices")
+    results: dict[str, Any] = {"rtol": 1e-5 if backend == "gloo" else 5e-5}
+    for world_size in sizes:
+        ranks = run_distributed(_world, world_size, backend, timeout=180, backend=backend)
         results |= {name: [r[name] for r in ranks] for name in ranks[0]}
     return results
+
+
+def _case_results(worlds: dict[str, Any], case: str) -> list[dict[str, Any]]:
+    if case not in worlds:
+        pytest.skip(f"{case} needs {CASES[case].world_size} CUDA devices")
+    return worlds[case]
 
 
 @pytest.fixture(scope="module")
@@ -276,19 +301,20 @@ def references() -> dict[str, dict[str, Any]]:
 def test_expert_parallel_matches_single_process(case, worlds, references):
     want = references[case]
     params = dict(want["initial_model"].named_parameters())
-    for rank, got in enumerate(worlds[case]):
+    for rank, got in enumerate(_case_results(worlds, case)):
         for step, (g, w) in enumerate(zip(got["losses"], want["losses"], strict=True)):
-            assert abs(g - w) <= 1e-5 * abs(w), f"rank {rank} step {step}: loss {g} != {w}"
+            assert abs(g - w) <= worlds["rtol"] * abs(w), f"rank {rank} step {step}: loss {g} != {w}"
         assert got["grads"].keys() == want["grads"].keys()
         for name, grad in got["grads"].items():
-            _assert_close_to_scale(grad, _local(want["grads"][name], params[name], got["coords"]), name)
+            want_grad = _local(want["grads"][name], params[name], got["coords"])
+            _assert_close_to_scale(grad, want_grad, worlds["rtol"], name)
 
 
 @pytest.mark.parametrize("case", ["ep2", "tp2_ep2"])
 def test_experts_are_the_ep_slices_of_the_full_model(case, worlds, references):
     """Init draws full experts and keeps the ep slice: exactly the single-process weights."""
     full = dict(references[case]["initial_model"].named_parameters())
-    for got in worlds[case]:
+    for got in _case_results(worlds, case):
         assert got["initial_experts"], "no expert parameters"
         for name, local in got["initial_experts"].items():
             assert local.shape[0] == CONFIG.num_experts // 2
@@ -300,9 +326,10 @@ def test_uneven_routing_sends_and_receives_nothing_where_forced(worlds, referenc
     routed = references["ep2_uneven"]["routed"]  # per layer, all shards' tokens: (2 * B * T, k)
     shard0 = routed[0][: B * T]
     assert (shard0 < 2).all() and (routed[1] < 2).all() and (routed[0][B * T :] >= 2).any()
-    rank0, rank1 = (r["plans"] for r in worlds["ep2_uneven"])
+    results = _case_results(worlds, "ep2_uneven")
+    rank0, rank1 = (r["plans"] for r in results)
     rows = B * T * CONFIG.moe_top_k
     assert rank0[0][0] == [rows, 0]  # layer 0: rank 0 sends nothing to rank 1
     assert rank1[1][1] == [0, 0]  # layer 1: rank 1's experts receive no rows ...
-    grads = worlds["ep2_uneven"][1]["grads"]
+    grads = results[1]["grads"]
     assert (grads["layers.1.mlp.experts.w_gate_up"] == 0).all()  # ... yet get (zero) gradients

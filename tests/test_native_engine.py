@@ -282,6 +282,20 @@ def test_colocated_engine_generates_from_the_training_model_in_place(checkpoints
     assert greedy_tokens(eng) == [hf_greedy(hf_models[1], p, 10) for p in PROMPTS[:3]]
     with pytest.raises(InputError, match="must increase"):
         eng.use_model(policy, version=5)
+    eng.use_model(load_hf(checkpoints[0]), version=6)  # another model object: a new KV cache
+    assert greedy_tokens(eng) == [hf_greedy(hf_models[0], p, 10) for p in PROMPTS[:3]]
+
+
+def test_sleep_drops_the_kv_cache_and_blocks_generation_until_wake_up(engine) -> None:
+    before = greedy_tokens(engine)
+    engine.sleep()
+    try:
+        assert engine.kv_cache_bytes == 0
+        with pytest.raises(RuntimeError, match="wake_up"):
+            engine.generate([GenerationRequest(PROMPTS[0], greedy(2))])
+    finally:
+        engine.wake_up()
+    assert engine.kv_cache_bytes > 0 and greedy_tokens(engine) == before
 
 
 # ---- sampler on its own ----------------------------------------------------------------------
@@ -332,6 +346,8 @@ def test_bad_requests_and_construction_raise_input_error(engine, checkpoints) ->
         NativeEngine(model, max_model_len=16, dtype=torch.bfloat16)
     with pytest.raises(InputError, match="max_num_seqs"):
         NativeEngine(model, max_model_len=16, max_num_seqs=0)
+    with pytest.raises(InputError, match="max_model_len=512 exceeds the model's max_position_embeddings=256"):
+        NativeEngine(model, max_model_len=512)
     no_tokenizer = NativeEngine(model, max_model_len=16)
     with pytest.raises(InputError, match="stop strings need a tokenizer"):
         no_tokenizer.generate([GenerationRequest([1, 2], greedy(2, stop=["aa"]))])
@@ -354,11 +370,18 @@ def tp_requests() -> list[GenerationRequest]:
 
 
 @pytest.mark.slow
-def test_tensor_parallel_engine_matches_single_process(checkpoints, engine) -> None:
+def test_tensor_parallel_engine_matches_single_process(checkpoints, engine, tmp_path) -> None:
     """tp=2 shards heads, ffn and vocab (the logits are all-gathered before sampling): both ranks
     return the tp=1 tokens, greedy and seeded samples alike."""
+    import shutil
+
     from dist import run_distributed
 
-    ranks = run_distributed(_tp_generate, 2, str(checkpoints[0]), timeout=180)
+    # Weights and config only: without tokenizer files the ranks never import transformers (seconds each).
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(checkpoints[0] / name, bare / name)
+    ranks = run_distributed(_tp_generate, 2, str(bare), timeout=180)
     want = tokens_of(engine.generate(tp_requests()))
     assert ranks[0] == ranks[1] == want

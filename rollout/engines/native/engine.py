@@ -94,13 +94,19 @@ class NativeEngine(GenerationEngine):
         super().__init__()
         if (model is None) == (model_dir is None):
             raise InputError("NativeEngine takes exactly one of model (a GPTModel) and model_dir")
-        for name, value in (("max_model_len", max_model_len), ("max_num_seqs", max_num_seqs)):
-            if not isinstance(value, int) or value < 1:
+        sizes = {"max_model_len": max_model_len, "max_num_seqs": max_num_seqs}
+        for name, value in {**sizes, "max_prefill_tokens": max_prefill_tokens}.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"NativeEngine: {name} must be an int >= 1, got {value!r}")
         if model_dir is not None:
             model, arch = _load_model_dir(Path(model_dir), device, dtype or torch.float32, tp_group)
         else:
             _check_given_model(model, device, dtype, tp_group)
+        if max_model_len > model.config.max_position_embeddings:
+            raise InputError(
+                f"NativeEngine: max_model_len={max_model_len} exceeds the model's "
+                f"max_position_embeddings={model.config.max_position_embeddings}"
+            )
         self._max_model_len, self._max_num_seqs = max_model_len, max_num_seqs
         self._max_prefill_tokens = max_prefill_tokens
         self._cuda_graphs = cuda_graphs

@@ -296,6 +296,7 @@ def test_sleep_drops_the_kv_cache_and_blocks_generation_until_wake_up(engine) ->
     finally:
         engine.wake_up()
     assert engine.kv_cache_bytes > 0 and greedy_tokens(engine) == before
+    assert engine.num_cuda_graphs == 0  # CPU
 
 
 # ---- sampler on its own ----------------------------------------------------------------------
@@ -356,10 +357,14 @@ def test_bad_requests_and_construction_raise_input_error(engine, checkpoints) ->
 # ---- tensor parallelism ----------------------------------------------------------------------
 
 
-def _tp_generate(rank: int, world_size: int, model_dir: str) -> list[list[list[int]]]:
+def _tp_generate(rank: int, world_size: int, model_dir: str, cuda: bool) -> list[list[list[int]]]:
+    device = None
+    if cuda:
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
     tp_group = torch.distributed.new_group(list(range(world_size)))
     with NativeEngine(
-        model_dir=model_dir, max_model_len=MAX_MODEL_LEN, max_num_seqs=2, tp_group=tp_group
+        model_dir=model_dir, max_model_len=MAX_MODEL_LEN, max_num_seqs=2, tp_group=tp_group, device=device
     ) as eng:
         return tokens_of(eng.generate(tp_requests()))
 
@@ -370,18 +375,56 @@ def tp_requests() -> list[GenerationRequest]:
 
 
 @pytest.mark.slow
-def test_tensor_parallel_engine_matches_single_process(checkpoints, engine, tmp_path) -> None:
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.gpu)])
+def test_tensor_parallel_engine_matches_single_process(checkpoints, engine, tmp_path, backend) -> None:
     """tp=2 shards heads, ffn and vocab (the logits are all-gathered before sampling): both ranks
-    return the tp=1 tokens, greedy and seeded samples alike."""
+    return the tp=1 tokens, greedy and seeded samples alike. nccl: 2 GPUs, CUDA-graph decode with
+    captured all-reduces."""
     import shutil
 
     from dist import run_distributed
 
+    if backend == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
     # Weights and config only: without tokenizer files the ranks never import transformers (seconds each).
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(checkpoints[0] / name, bare / name)
-    ranks = run_distributed(_tp_generate, 2, str(bare), timeout=180)
+    cuda = backend == "nccl"
+    ranks = run_distributed(_tp_generate, 2, str(bare), cuda, timeout=300, backend=backend)
     want = tokens_of(engine.generate(tp_requests()))
     assert ranks[0] == ranks[1] == want
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decode_matches_eager_and_hf(checkpoints, hf_models) -> None:
+    """fp32 on the GPU: graphs captured per (batch, kv length) bucket give the eager tokens, which are
+    HF's greedy tokens; seeded samples are the same with and without graphs; bf16 runs."""
+    requests = [GenerationRequest(p, greedy(8 + 3 * i)) for i, p in enumerate(PROMPTS)]
+    sampled = [
+        GenerationRequest(p, SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=3)) for p in PROMPTS
+    ]
+    out = {}
+    for graphs in (True, False):
+        with NativeEngine(
+            model_dir=checkpoints[0],
+            max_model_len=MAX_MODEL_LEN,
+            max_num_seqs=3,
+            device="cuda",
+            cuda_graphs=graphs,
+        ) as eng:
+            out[graphs] = tokens_of(eng.generate(requests)), tokens_of(eng.generate(sampled))
+            assert (eng.num_cuda_graphs > 0) == graphs
+    assert out[True] == out[False]
+    assert [r[0] for r in out[True][0]] == [
+        hf_greedy(hf_models[0], r.prompt_token_ids, r.params.max_tokens) for r in requests
+    ]
+    with NativeEngine(
+        model_dir=checkpoints[0], max_model_len=MAX_MODEL_LEN, device="cuda", dtype=torch.bfloat16
+    ) as eng:
+        assert all(len(r.samples[0].token_ids) > 0 for r in eng.generate(requests))

@@ -136,6 +136,11 @@ class NativeEngine(GenerationEngine):
     def kv_cache_bytes(self) -> int:
         return 0 if self._cache is None else self._cache.nbytes
 
+    @property
+    def num_cuda_graphs(self) -> int:
+        """Decode graphs captured so far (0 on CPU, with cuda_graphs=False, or for MoE models)."""
+        return 0 if self._graphs is None else self._graphs.num_graphs
+
     def use_model(self, model: GPTModel, version: int | None = None) -> None:
         """Generate with `model`'s parameters from now on, in place (colocated mode: no copy, no refit).
 

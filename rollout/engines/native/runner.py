@@ -193,6 +193,10 @@ class CudaGraphDecoder:
         self._pool: object | None = None
         self._param_ptrs = _param_pointers(runner.model)
 
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
     def valid_for(self, model: GPTModel) -> bool:
         return model is self.runner.model and _param_pointers(model) == self._param_ptrs
 

@@ -69,7 +69,8 @@ class NativeEngine(GenerationEngine):
     model_dir: else load an HF checkpoint (in `dtype`, default fp32, on `device`, sharded over tp_group).
     tokenizer: a tokenizer object (`decode`) or a local path; default: model_dir's tokenizer if it has one.
         Needed for stop strings and Sample.text.
-    eos_token_ids: default from model_dir's generation_config.json / config.json, else the tokenizer's.
+    eos_token_ids: default from model_dir's generation_config.json / config.json, else the tokenizer's,
+        else none (then only stop_token_ids, stop strings and max_tokens end a sample).
     max_model_len: context per sequence (prompt + max_tokens); with max_num_seqs it sizes the KV cache:
         2 * layers * max_num_seqs * max_model_len * kv_heads/tp * head_dim * dtype bytes.
     """
@@ -156,7 +157,8 @@ class NativeEngine(GenerationEngine):
                 )
             _check_given_model(model, None, None, None)
             if model is not self._model:
-                self._bind(model, resolve_architecture(None, model.config))
+                same_config = model.config == self._model.config
+                self._bind(model, self._arch if same_config else resolve_architecture(None, model.config))
                 self._owns_weights = False
             self._failed_update = None  # the whole model is consistent again
             if version is not None:

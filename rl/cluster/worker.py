@@ -27,9 +27,6 @@ import torch.distributed as dist
 from core.parallel.dims import Groups, ParallelDims, build_groups
 from rl.cluster.transport import from_transport, to_transport
 
-# Ray runs methods of this concurrency group on their own thread: ping answers while a long call runs.
-CONTROL_GROUP = "control"
-
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -55,9 +52,8 @@ class Worker:
 
     # ---- called by WorkerGroup -----------------------------------------------------------------
 
-    @ray.method(concurrency_group=CONTROL_GROUP)
     def ping(self) -> dict[str, Any]:
-        """Where and what this worker is; answers even while another call runs."""
+        """Where and what this worker is (queued behind a running call, like every method)."""
         context = ray.get_runtime_context()
         return {
             "role": self.role,

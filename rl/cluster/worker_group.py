@@ -43,10 +43,12 @@ from core.parallel.dims import ParallelDims
 from rl.cluster.dispatch import concat_results, dp_rank_of, output_ranks, split_batch
 from rl.cluster.placement import ResourcePool
 from rl.cluster.transport import from_transport, to_transport
-from rl.cluster.worker import CONTROL_GROUP, Worker
+from rl.cluster.worker import Worker
 
 Dispatch = Literal["all", "dp", "rank0"]
 RESUME_HINT = "rerun the same command: it resumes from run.dir's newest checkpoint"
+# How long a rank's exception waits for a peer to be reported dead (see WorkerGroup._lost_peer).
+_PEER_DEATH_GRACE_S = 5.0
 
 
 class WorkerGroupError(RuntimeError):
@@ -132,12 +134,13 @@ class WorkerGroup:
             )
         self._init_args, self._init_kwargs = tuple(init_args), dict(init_kwargs or {})
         self._env_vars, self._max_restarts = dict(env_vars or {}), max_restarts
-        # ping runs on its own thread so that health checks answer while a long call runs
-        self._actor_cls = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(worker_cls)
+        # One thread per actor, the main one: an in-process vLLM engine and CUDA's per-thread current
+        # device both want every call on the same (main) thread, so no concurrency groups.
+        self._actor_cls = ray.remote(worker_cls)
         self.restarts = 0
         self.actors: list[ActorHandle] = [self._spawn(rank) for rank in range(world_size)]
         try:
-            self._init_world(list(range(world_size)), timeout_s)
+            self._init_world(timeout_s)
         except BaseException:
             self.shutdown()
             raise
@@ -177,11 +180,11 @@ class WorkerGroup:
 
     # ---- world set-up ------------------------------------------------------------------------
 
-    def _init_world(self, ranks: list[int], timeout_s: float) -> None:
+    def _init_world(self, timeout_s: float) -> None:
         """Wait for the actors, rendezvous every rank into one world, then run setup() everywhere."""
+        ranks = range(self.world_size)
         infos = self._gather({r: self.actors[r].ping.remote() for r in ranks}, "start", timeout_s)
-        master_addr = self._master_addr({r: info["node_id"] for r, info in infos.items()})
-        port = self._gather({0: self.actors[0].rendezvous_port.remote()}, "rendezvous", timeout_s)[0]
+        master_addr, port = self._rendezvous({r: info["node_id"] for r, info in infos.items()}, timeout_s)
         self._gather(
             {
                 r: self.actors[r].init_distributed.remote(
@@ -194,13 +197,16 @@ class WorkerGroup:
         )
         self._gather({r: self.actors[r].setup.remote() for r in ranks}, "setup", timeout_s)
 
-    @staticmethod
-    def _master_addr(node_ids: dict[int, str]) -> str:
-        """127.0.0.1 when the whole world is on one node (no interface guessing), else rank 0's node IP."""
+    def _rendezvous(self, node_ids: dict[int, str], timeout_s: float) -> tuple[str, int]:
+        """Address of the world's TCP store: a free port on rank 0's node, reached at 127.0.0.1 when the
+        whole world is on one node (no interface guessing), else at rank 0's node IP."""
+        if self.backend == "none":
+            return "", 0
+        port = self._gather({0: self.actors[0].rendezvous_port.remote()}, "rendezvous", timeout_s)[0]
         if len(set(node_ids.values())) == 1:
-            return "127.0.0.1"
+            return "127.0.0.1", port
         addresses = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-        return addresses[node_ids[0]]
+        return addresses[node_ids[0]], port
 
     # ---- calls -------------------------------------------------------------------------------
 
@@ -293,73 +299,85 @@ class WorkerGroup:
                 )
             for ref in ready:
                 rank = pending.pop(ref)
-                results[rank] = self._get_ready(ref, rank, what)
+                try:
+                    results[rank] = ray.get(ref)
+                except RayActorError as e:
+                    raise self._lost(rank, what, e) from e
+                except RayTaskError as e:
+                    lost = self._lost_peer(pending, what, deadline)
+                    if lost is not None:  # the exception is collateral damage of a peer's death
+                        raise lost from e
+                    cause = e.cause if getattr(e, "cause", None) is not None else e
+                    raise WorkerGroupError(
+                        self.name, rank, "ALIVE", f"{what} raised {_short(cause)}", recoverable=False
+                    ) from e
         return results
 
-    def _get_ready(self, ref: ray.ObjectRef, rank: int, what: str) -> Any:
-        try:
-            return ray.get(ref)
-        except RayActorError as e:
-            raise WorkerGroupError(
-                self.name, rank, _actor_state(self.actors[rank]), f"actor lost during {what}: {_short(e)}"
-            ) from e
-        except RayTaskError as e:
-            cause = e.cause if getattr(e, "cause", None) is not None else e
-            raise WorkerGroupError(
-                self.name, rank, "ALIVE", f"{what} raised {_short(cause)}", recoverable=False
-            ) from e
+    def _lost(self, rank: int, what: str, error: BaseException) -> WorkerGroupError:
+        state = _actor_state(self.actors[rank])
+        return WorkerGroupError(self.name, rank, state, f"actor lost during {what}: {_short(error)}")
+
+    def _lost_peer(
+        self, pending: dict[ray.ObjectRef, int], what: str, deadline: float
+    ) -> WorkerGroupError | None:
+        """After a rank raised: a dead peer, if there is one. A rank's collective fails as soon as a peer
+        dies (gloo: "Connection closed by peer"), often before Ray reports the death, so the other ranks
+        get a few seconds to report theirs; then the GCS is asked about every actor of the group."""
+        grace_end = min(deadline, time.monotonic() + _PEER_DEATH_GRACE_S)
+        while pending and (left := grace_end - time.monotonic()) > 0:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+            if not ready:
+                break
+            for ref in ready:
+                rank = pending.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError as e:
+                    return self._lost(rank, what, e)
+                except RayTaskError:
+                    pass
+        for rank, actor in enumerate(self.actors):
+            if _actor_state(actor) == "DEAD":
+                return WorkerGroupError(self.name, rank, "DEAD", f"actor lost during {what}")
+        return None
 
     # ---- health and recovery -----------------------------------------------------------------
 
-    def check_alive(self, timeout_s: float = 30.0) -> None:
-        """Ping every rank (answered even during a long call); raise WorkerGroupError for the first dead one."""
-        self._gather({r: a.ping.remote() for r, a in enumerate(self.actors)}, "ping", timeout_s)
+    def check_alive(self, timeout_s: float = 5.0) -> None:
+        """Raise WorkerGroupError naming the first dead rank, if any. A rank busy with a long call is
+        alive: its ping just waits in its queue, while a dead actor's ping fails at once."""
+        for rank, error in self._ping_failures(timeout_s).items():
+            raise self._lost(rank, "ping", error)
 
-    def dead_ranks(self, timeout_s: float = 30.0) -> list[int]:
-        """Ranks whose actor is gone or does not answer a ping within timeout_s."""
+    def dead_ranks(self, timeout_s: float = 5.0) -> list[int]:
+        """Ranks whose actor is gone (its ping fails within timeout_s; busy ranks do not count)."""
+        return sorted(self._ping_failures(timeout_s))
+
+    def _ping_failures(self, timeout_s: float) -> dict[int, RayActorError]:
         refs = {r: a.ping.remote() for r, a in enumerate(self.actors)}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-        dead = []
+        failures = {}
         for rank, ref in refs.items():
-            try:
-                if ref not in ready:
-                    raise TimeoutError
-                ray.get(ref)
-            except (RayActorError, TimeoutError):
-                dead.append(rank)
-        return dead
+            if ref in ready:
+                try:
+                    ray.get(ref)
+                except RayActorError as e:
+                    failures[rank] = e
+        return failures
 
     def restart(self, timeout_s: float = 120.0) -> list[int]:
         """Replace dead actors, then rebuild the world (and rerun setup) on every rank. Survivors that
         cannot leave the old world within timeout_s (stuck in a call) are replaced too. Returns the
         replaced ranks. The caller reloads state (the newest checkpoint) afterwards."""
-        replaced = self.dead_ranks(min(timeout_s, 30.0))
-        for rank in replaced:
-            self._replace(rank)
+        replaced = self.dead_ranks(min(timeout_s, 5.0))
         survivors = [r for r in range(self.world_size) if r not in replaced]
-        replaced += self._leave_world(survivors, timeout_s)
-        self._init_world(list(range(self.world_size)), timeout_s)
+        stuck = _failed_ranks({r: self.actors[r].destroy_distributed.remote() for r in survivors}, timeout_s)
+        for rank in replaced + stuck:
+            ray.kill(self.actors[rank], no_restart=True)
+            self.actors[rank] = self._spawn(rank)
+        self._init_world(timeout_s)
         self.restarts += 1
-        return sorted(replaced)
-
-    def _replace(self, rank: int) -> None:
-        ray.kill(self.actors[rank], no_restart=True)
-        self.actors[rank] = self._spawn(rank)
-
-    def _leave_world(self, ranks: list[int], timeout_s: float) -> list[int]:
-        """Destroy the old process group on `ranks`; replace those that fail or do not answer in time."""
-        refs = {r: self.actors[r].destroy_distributed.remote() for r in ranks}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-        stuck = []
-        for rank, ref in refs.items():
-            try:
-                if ref not in ready:
-                    raise TimeoutError
-                ray.get(ref)
-            except (RayActorError, RayTaskError, TimeoutError):
-                stuck.append(rank)
-                self._replace(rank)
-        return stuck
+        return sorted(replaced + stuck)
 
     def shutdown(self) -> None:
         """Kill every actor of the group (the pool stays reserved for other groups)."""
@@ -372,6 +390,22 @@ class WorkerGroup:
 
     def __repr__(self) -> str:
         return f"WorkerGroup({self.name!r}, world_size={self.world_size}, backend={self.backend}, pool={self.pool})"
+
+
+def _failed_ranks(ref_by_rank: dict[int, ray.ObjectRef], timeout_s: float) -> list[int]:
+    """Ranks whose call raised, whose actor died, or that did not answer within timeout_s."""
+    if not ref_by_rank:
+        return []
+    ready, _ = ray.wait(list(ref_by_rank.values()), num_returns=len(ref_by_rank), timeout=timeout_s)
+    failed = []
+    for rank, ref in ref_by_rank.items():
+        try:
+            if ref not in ready:
+                raise TimeoutError
+            ray.get(ref)
+        except (RayActorError, RayTaskError, TimeoutError):
+            failed.append(rank)
+    return failed
 
 
 def _default_share(requested: float | None, per_bundle: float, ranks_per_bundle: int) -> float:

@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+import ray
 import torch
 import torch.distributed as dist
 
@@ -54,13 +55,14 @@ class ProbeWorker(Worker):
         """Sum of global ranks over this rank's tp and dp groups (tells which ranks are in each)."""
         sums = {}
         for axis in ("tp", "dp"):
-            value = torch.tensor([float(self.rank)])
+            value = torch.tensor([float(self.rank)], device=self.device)
             dist.all_reduce(value, group=getattr(self.groups, f"{axis}_group"))
             sums[f"{axis}_sum"] = value.item()
         return {"rank": self.rank, "tp_rank": self.groups.tp_rank, "dp_rank": self.groups.dp_rank, **sums}
 
     def double_rows(self, batch: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
         """Doubles the shard; tp peers check over their group that they got the same rows."""
+        batch = {key: value.to(self.device) for key, value in batch.items()}
         checksum = batch["x"].sum().reshape(1)
         lo, hi = checksum.clone(), checksum.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.groups.tp_group)
@@ -69,8 +71,8 @@ class ProbeWorker(Worker):
         return {
             "x": batch["x"] * scale,
             "ids": batch["ids"],
-            "dp_rank": torch.full((rows,), self.groups.dp_rank),
-            "tp_agree": torch.full((rows,), bool(lo == hi)),
+            "dp_rank": torch.full((rows,), self.groups.dp_rank, device=self.device),
+            "tp_agree": torch.full((rows,), bool(lo == hi), device=self.device),
         }
 
     def info(self) -> dict:
@@ -80,6 +82,8 @@ class ProbeWorker(Worker):
             "setup_calls": self.setup_calls,
             "env": os.environ.get("PROBE_ROLE"),
             "main_thread": threading.current_thread() is threading.main_thread(),
+            "device": str(self.device),
+            "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
         }
 
     def sleep_on(self, rank: int, seconds: float) -> int:
@@ -279,8 +283,6 @@ def test_worker_exception_is_not_recoverable(policy: WorkerGroup) -> None:
 
 
 def test_killed_rank_fails_fast_and_restart_recovers(reference: WorkerGroup) -> None:
-    import ray
-
     old_pids = [i["pid"] for i in reference.run("info")]
     ray.kill(reference.actors[2])
     start = time.monotonic()
@@ -298,3 +300,34 @@ def test_killed_rank_fails_fast_and_restart_recovers(reference: WorkerGroup) -> 
     infos = reference.run("info")
     assert infos[2]["pid"] != old_pids[2] and infos[0]["pid"] == old_pids[0]
     assert [i["setup_calls"] for i in infos] == [2, 2, 1, 2]  # setup reran everywhere on the new world
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nccl_groups_colocated_on_gpu_bundles(ray_cluster) -> None:
+    gpus = torch.cuda.device_count()
+    placement = Placement(num_bundles=gpus, gpus_per_bundle=1, cpus_per_bundle=1, strategy="STRICT_PACK")
+    placed = build_pools(placement, ["policy", "reference"])
+    dims = ParallelDims(dp=gpus, world_size=gpus)
+    groups = [
+        WorkerGroup(ProbeWorker, rp.pool, gpus, dims, name=role, timeout_s=120, **rp.worker_resources(gpus))
+        for role, rp in placed.items()
+    ]
+    try:
+        infos = [g.run("info") for g in groups]
+        assert [g.backend for g in groups] == ["nccl", "nccl"]
+        assert [i["device"] for i in infos[0]] == ["cuda:0"] * gpus  # each actor sees its own GPU as cuda:0
+        gpu_ids = [[i["gpu_ids"] for i in group_infos] for group_infos in infos]
+        assert gpu_ids[0] == gpu_ids[1] and len({tuple(ids) for ids in gpu_ids[0]}) == gpus  # colocated
+        for group in groups:
+            assert [r["dp_sum"] for r in group.run("group_sums")] == [float(sum(range(gpus)))] * gpus
+        batch = {
+            "x": torch.arange(4 * gpus, dtype=torch.float32).reshape(-1, 1),
+            "ids": torch.arange(4 * gpus),
+        }
+        out = groups[0].run("double_rows", batch, 3.0, dispatch="dp")
+        assert out["x"].device.type == "cpu" and torch.equal(out["x"], batch["x"] * 3)
+    finally:
+        for group in groups:
+            group.shutdown()
+        placed["policy"].pool.remove()

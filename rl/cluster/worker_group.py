@@ -343,41 +343,48 @@ class WorkerGroup:
 
     # ---- health and recovery -----------------------------------------------------------------
 
-    def check_alive(self, timeout_s: float = 5.0) -> None:
+    def check_alive(self, timeout_s: float = 1.0) -> None:
         """Raise WorkerGroupError naming the first dead rank, if any. A rank busy with a long call is
-        alive: its ping just waits in its queue, while a dead actor's ping fails at once."""
-        for rank, error in self._ping_failures(timeout_s).items():
-            raise self._lost(rank, "ping", error)
+        alive: its ping waits in its queue, while a dead actor's ping fails at once."""
+        for rank, reason in self._dead(timeout_s).items():
+            raise WorkerGroupError(self.name, rank, _actor_state(self.actors[rank]), reason)
 
-    def dead_ranks(self, timeout_s: float = 5.0) -> list[int]:
-        """Ranks whose actor is gone (its ping fails within timeout_s; busy ranks do not count)."""
-        return sorted(self._ping_failures(timeout_s))
+    def dead_ranks(self, timeout_s: float = 1.0) -> list[int]:
+        """Ranks whose actor is gone: its ping fails within timeout_s or the GCS says DEAD."""
+        return sorted(self._dead(timeout_s))
 
-    def _ping_failures(self, timeout_s: float) -> dict[int, RayActorError]:
+    def _dead(self, timeout_s: float) -> dict[int, str]:
         refs = {r: a.ping.remote() for r, a in enumerate(self.actors)}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-        failures = {}
+        dead = {}
         for rank, ref in refs.items():
-            if ref in ready:
-                try:
-                    ray.get(ref)
-                except RayActorError as e:
-                    failures[rank] = e
-        return failures
+            if ref not in ready:  # busy, or died so recently that its ping has not failed yet
+                if _actor_state(self.actors[rank]) == "DEAD":
+                    dead[rank] = "actor lost"
+                continue
+            try:
+                ray.get(ref)
+            except RayActorError as e:
+                dead[rank] = f"actor lost: {_short(e)}"
+        return dead
 
     def restart(self, timeout_s: float = 120.0) -> list[int]:
         """Replace dead actors, then rebuild the world (and rerun setup) on every rank. Survivors that
         cannot leave the old world within timeout_s (stuck in a call) are replaced too. Returns the
         replaced ranks. The caller reloads state (the newest checkpoint) afterwards."""
-        replaced = self.dead_ranks(min(timeout_s, 5.0))
-        survivors = [r for r in range(self.world_size) if r not in replaced]
+        dead = self.dead_ranks()
+        self._replace(dead)  # new actors start (import torch ...) while the survivors leave the old world
+        survivors = [r for r in range(self.world_size) if r not in dead]
         stuck = _failed_ranks({r: self.actors[r].destroy_distributed.remote() for r in survivors}, timeout_s)
-        for rank in replaced + stuck:
-            ray.kill(self.actors[rank], no_restart=True)
-            self.actors[rank] = self._spawn(rank)
+        self._replace(stuck)
         self._init_world(timeout_s)
         self.restarts += 1
-        return sorted(replaced + stuck)
+        return sorted(dead + stuck)
+
+    def _replace(self, ranks: list[int]) -> None:
+        for rank in ranks:
+            ray.kill(self.actors[rank], no_restart=True)
+            self.actors[rank] = self._spawn(rank)
 
     def shutdown(self) -> None:
         """Kill every actor of the group (the pool stays reserved for other groups)."""

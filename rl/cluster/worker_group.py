@@ -22,8 +22,9 @@ shared by the ranks that receive it.
 
 Failures: every call has a deadline. A dead actor, a call past its deadline or a worker exception raises
 WorkerGroupError naming the role, the rank and the actor state, as soon as the first rank fails (the
-others may be stuck in a collective with the dead rank). `restart()` replaces dead or stuck actors and
-rebuilds the world on every rank; the driver then reloads the newest checkpoint.
+others may be stuck in a collective with the dead rank); a rank's exception that is only the echo of a
+peer's death (gloo: "Connection closed by peer") is reported as that peer's death. `restart()` replaces
+dead or stuck actors and rebuilds the world on every rank; the driver then reloads the newest checkpoint.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 
 from algorithms.evaluation import accuracy
 from algorithms.model_config import ModelConfig
-from algorithms.schedules import build_scheduler
+from algorithms.schedules import build_scheduler, lr_at
 from core.checkpoint.checkpointer import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from core.checkpoint.sharded import load_full_state
 from core.config import (
@@ -312,26 +312,31 @@ class Trainer:
         }
 
     def eval_micro_batches(self) -> list[dict[str, torch.Tensor]]:
-        """The held-out problems' full texts as micro-batches of equal length (no padding needed)."""
+        """The held-out problems' full texts, right-padded (loss_mask 0 on padding, which causal attention
+        never lets earlier tokens see), split into pp micro-batches so any schedule can run them."""
         tok = self.data.tokenizer
-        by_len: dict[int, list[list[int]]] = {}
-        for p in self.data.eval_problems:
-            ids = tok(p["prompt"] + p["answer"])["input_ids"] + [tok.eos_token_id]
-            by_len.setdefault(len(ids), []).append(ids)
-        out = []
-        for rows in by_len.values():
-            ids = torch.tensor(rows, device=self.device)  # (B, T + 1)
-            B, T = ids.shape[0], ids.shape[1] - 1
-            out.append(
-                {
-                    "input_ids": ids[:, :-1],
-                    "labels": ids[:, 1:],
-                    "loss_mask": torch.ones(B, T, device=self.device),
-                    "position_ids": torch.arange(T, device=self.device).expand(B, T),
-                    "segment_ids": torch.zeros(B, T, dtype=torch.long, device=self.device),
-                }
-            )
-        return out
+        rows = [
+            tok(p["prompt"] + p["answer"])["input_ids"] + [tok.eos_token_id] for p in self.data.eval_problems
+        ]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), tok.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros(len(rows), width - 1)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r) - 1] = 1.0
+        B, T = ids.shape[0], width - 1
+        batch = {
+            "input_ids": ids[:, :-1],
+            "labels": ids[:, 1:],
+            "loss_mask": mask,
+            "position_ids": torch.arange(T).expand(B, T),
+            "segment_ids": torch.zeros(B, T, dtype=torch.long),
+        }
+        parts = min(B, self.cfg.parallel.pp)
+        return [
+            {k: v[idx].to(self.device) for k, v in batch.items()}
+            for idx in torch.arange(B).tensor_split(parts)
+        ]
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss (every layout) and greedy accuracy (on the whole model, rank 0)."""
@@ -376,7 +381,6 @@ class Trainer:
     def save(self) -> None:
         trainer_state: dict[str, Any] = {
             **dataclasses.asdict(self.state),
-            "scheduler": self.scheduler.state_dict(),
             "data": self.batches.state_dict(),
         }
         save_checkpoint(
@@ -397,7 +401,13 @@ class Trainer:
         template = self.engine.load_template(path / "model")
         trainer_state = load_checkpoint(path, template, None)
         self.engine.finish_load(template)
-        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        # The LR follows the current config's schedule at the restored step (Megatron does the same), so a
+        # run resumed with a larger train.max_steps continues on the new schedule, not the stored one.
+        lr = lr_at(trainer_state["step"], self.cfg.train.max_steps, self.cfg.optim)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.scheduler.last_epoch = trainer_state["step"]
+        self.scheduler._last_lr = [lr for _ in self.engine.optimizer.param_groups]
         if "rng" in trainer_state:
             set_rng_state(trainer_state["rng"])
         self.state = TrainerState(**{f.name: trainer_state[f.name] for f in dataclasses.fields(TrainerState)})
@@ -500,6 +510,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, float]:
     With parallel.* asking for several ranks it starts them itself (gloo on CPU, NCCL on GPU).
     """
     check_inputs(cfg)
+    # The layout is checked before anything is written (the vocabulary is rounded up to a multiple of 64,
+    # so only an explicit model.vocab_size can still fail the later, exact check).
+    validate_layout(cfg, transformer_config_for(cfg, 64 * cfg.parallel.tp))
     run_dir = Path(cfg.run.dir)
     data = prepare_data(cfg, run_dir)  # generated once, before any rank starts
     validate_layout(cfg, transformer_config_for(cfg, len(data.tokenizer)))

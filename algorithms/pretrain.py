@@ -180,7 +180,7 @@ def prepare_data(cfg: PretrainConfig, run_dir: Path) -> PretrainData:
 
 def synthesize(syn: SyntheticConfig, data_dir: Path) -> tuple[str, Path, Path]:
     """The arithmetic corpus, its tokenizer and train.bin/.idx under data_dir; reused when present."""
-    from core.data.preprocess import tokenize_to_indexed
+    from core.data.indexed import IndexedDatasetBuilder, best_fitting_dtype
     from core.data.synthetic import write_arithmetic_corpus
     from core.data.tokenizer import load_tokenizer
 
@@ -190,9 +190,12 @@ def synthesize(syn: SyntheticConfig, data_dir: Path) -> tuple[str, Path, Path]:
     if stamp.is_file() and stamp.read_text() == want and Path(f"{prefix}.idx").is_file():
         return str(prefix), data_dir / "tokenizer", data_dir / "eval.jsonl"
     corpus = write_arithmetic_corpus(data_dir, syn.n_train, syn.n_eval, syn.seed, syn.digits, tuple(syn.ops))
-    tokenize_to_indexed(
-        [corpus.train], load_tokenizer(corpus.tokenizer), prefix, append_eos=True, progress=False
-    )
+    # Our own generated rows need no `datasets` round trip (`rl data tokenize` is the general path).
+    tokenizer = load_tokenizer(corpus.tokenizer)
+    texts = [json.loads(line)["text"] for line in corpus.train.read_text().splitlines()]
+    with IndexedDatasetBuilder(prefix, best_fitting_dtype(len(tokenizer))) as builder:
+        for ids in tokenizer(texts)["input_ids"]:
+            builder.add_document([*ids, tokenizer.eos_token_id])
     stamp.write_text(want)
     return str(prefix), corpus.tokenizer, corpus.eval
 

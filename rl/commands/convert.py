@@ -6,11 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from core.errors import InputError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names; torch is imported only when converting
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,7 +52,7 @@ def _hf_to_ours(args: argparse.Namespace) -> int:
     from core.bridge import copy_tokenizer_files, load_hf, read_hf_config, save_native
 
     arch, _ = read_hf_config(args.src)
-    model = load_hf(args.src, dtype=DTYPES[args.dtype])
+    model = load_hf(args.src, dtype=_dtype(args.dtype))
     save_native(model, args.dst, arch)
     copied = copy_tokenizer_files(args.src, args.dst)
     print(f"wrote {args.dst} ({arch.name}, {_count(model)} parameters; tokenizer files: {copied or 'none'})")
@@ -64,11 +62,17 @@ def _hf_to_ours(args: argparse.Namespace) -> int:
 def _ours_to_hf(args: argparse.Namespace) -> int:
     from core.bridge import load_native, save_hf
 
-    model, arch = load_native(args.src, dtype=DTYPES[args.dtype])
+    model, arch = load_native(args.src, dtype=_dtype(args.dtype))
     save_hf(model, args.dst, tokenizer_dir=args.tokenizer or args.src, arch=arch)
     print(f"wrote {args.dst} ({arch.hf_architecture}, {_count(model)} parameters)")
     return 0
 
 
-def _count(model: torch.nn.Module) -> str:
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _count(model) -> str:  # torch.nn.Module
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M"

@@ -23,6 +23,99 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--compile", action="store_true", help="torch.compile both models")
     t.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
     t.set_defaults(func=run_train)
+    _register_generate(kinds)
+    _register_refit(kinds)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="llama_tiny", help="model preset (core.models.PRESETS), e.g. llama_1b")
+    p.add_argument(
+        "--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU"
+    )
+
+
+def _register_generate(kinds: argparse._SubParsersAction) -> None:
+    g = kinds.add_parser(
+        "generate",
+        help="generation new tokens/s: native engine, vLLM vs HF generate",
+        description="Greedy generation of exactly --new-tokens per prompt (EOS ignored) on random weights; "
+        "baseline: transformers generate. Engines that cannot run here get a row saying why.",
+    )
+    _add_model_args(g)
+    g.add_argument("--batch", type=int, default=32, help="prompts per run")
+    g.add_argument("--prompt-len", type=int, default=128)
+    g.add_argument("--new-tokens", type=int, default=64)
+    g.add_argument(
+        "--engines",
+        default="hf,hf-static,native,vllm",
+        help="comma list of hf, hf-static (CUDA only), native, vllm",
+    )
+    g.set_defaults(func=run_generate)
+
+
+def _register_refit(kinds: argparse._SubParsersAction) -> None:
+    r = kinds.add_parser(
+        "refit",
+        help="weight refit seconds and GB/s into an engine vs HF load_state_dict",
+        description="Push the full HF-named weight stream of a GPTModel into an engine; baseline: "
+        "load_state_dict of the same stream into a transformers model.",
+    )
+    _add_model_args(r)
+    r.add_argument("--bucket-mb", type=int, default=256, help="refit bucket size in MiB")
+    r.add_argument("--engine", choices=["native", "vllm"], default="native")
+    r.add_argument("--repeats", type=int, default=3, help="timed refits after one untimed")
+    r.set_defaults(func=run_refit)
+
+
+def _device_and_dtype(args: argparse.Namespace):
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return device, dtype, f"{dtype_name}, {name}"
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from core.errors import InputError
+    from core.models import preset
+    from rl.bench.generate import ENGINES, GenShape, format_table, run_generate_bench
+
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        raise InputError(f"--engines: unknown {unknown}; choose from {', '.join(ENGINES)}")
+    device, dtype, where = _device_and_dtype(args)
+    shape = GenShape(args.batch, args.prompt_len, args.new_tokens, device, dtype)
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-gen-") as workdir:
+        results = run_generate_bench(preset(args.preset), shape, engines, Path(workdir))
+    print(
+        f"generate bench: {args.preset} batch {args.batch} x prompt {args.prompt_len} "
+        f"+ {args.new_tokens} new tokens (greedy, EOS ignored), {where}"
+    )
+    print(format_table(results))
+    return 0
+
+
+def run_refit(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from core.models import preset
+    from rl.bench.refit import format_table, run_refit_bench
+
+    device, dtype, where = _device_and_dtype(args)
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-refit-") as workdir:
+        results = run_refit_bench(
+            preset(args.preset), args.engine, device, dtype, args.bucket_mb << 20, Path(workdir), args.repeats
+        )
+    print(f"refit bench: {args.preset}, {where}, mean of {args.repeats} after one untimed")
+    print(format_table(results))
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:

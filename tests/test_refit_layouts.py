@@ -5,9 +5,11 @@
     is allowed anywhere.
 (b) A tp1 training model refits a native engine and an in-process vLLM engine that were built from a
     DIFFERENT random model. Afterwards greedy outputs equal HF generate of the training model, and the
-    engines' sampler logprobs match `recompute_logprobs` (teacher-forced, our model) within 1e-5 in
+    engines' sampler logprobs match `recompute_logprobs` (teacher-forced, our model) within 2e-5 in
     fp32: both are log_softmax at temperature 1 of the same weights, differing only by kernel
-    accumulation order (decode GEMV vs full causal pass; measured gaps are ~1e-6).
+    accumulation order (decode GEMV vs full causal pass). Measured over ~100 greedy and sampled
+    tokens: mean |gap| ~1.5e-6 / 1.8e-6 and max 6.2e-6 / 8.1e-6 (native / vLLM); the largest gaps are
+    on low-probability sampled tokens, whose logprobs are largest in magnitude.
 
 The distributed test comes first: an in-process vLLM engine sets LD_PRELOAD for child processes.
 """
@@ -36,7 +38,7 @@ pytestmark = pytest.mark.slow
 PROMPTS = [[1, 10, 11, 12], [1, 40, 41], [1, 5, 6, 7, 8, 9, 20, 33]]
 MAX_MODEL_LEN = 64
 MAX_TOKENS = 12
-LOGPROB_GAP_MAX = 1e-5
+LOGPROB_GAP_MAX = 2e-5  # see the module docstring
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +156,7 @@ def _check_refit(engine: GenerationEngine, training_model: GPTModel, hf_train: t
     trainer = recompute_logprobs(training_model, [(p, ids) for p, (ids, _) in zip(prompts, outputs)])
     gap = logprob_gap([lps for _, lps in outputs], trainer)
     print(f"\n{type(engine).__name__} sampler vs trainer logprobs: {gap}")
-    assert gap["max_abs"] <= LOGPROB_GAP_MAX, gap
+    assert gap["max_abs"] <= LOGPROB_GAP_MAX and gap["mean_abs"] <= LOGPROB_GAP_MAX / 4, gap
 
 
 def test_refit_native_engine_from_training_model(native_engine, training_model, hf_train) -> None:

@@ -2,7 +2,8 @@
 
 (a) tp2 and pp2 gloo worlds stream exactly (bitwise) the HF state dict that `save_hf` writes for the
     full model: gathering shards is concatenation and the bridge only reshapes/splits, so no rounding
-    is allowed anywhere.
+    is allowed anywhere. In the same world, `recompute_logprobs` on the tp2 model (vocab-sharded
+    logits, no full-logit gather) matches the single-process model at 1e-5 (TP splits matmul sums).
 (b) A tp1 training model refits a native engine and an in-process vLLM engine that were built from a
     DIFFERENT random model. Afterwards greedy outputs equal HF generate of the training model, and the
     engines' sampler logprobs match `recompute_logprobs` (teacher-forced, our model) within 2e-5 in
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -38,6 +40,7 @@ pytestmark = pytest.mark.slow
 PROMPTS = [[1, 10, 11, 12], [1, 40, 41], [1, 5, 6, 7, 8, 9, 20, 33]]
 MAX_MODEL_LEN = 64
 MAX_TOKENS = 12
+SEQUENCES = [([1, 10, 11], [12, 13, 2]), ([1, 5, 6, 7, 8], [40, 41])]
 LOGPROB_GAP_MAX = 2e-5  # see the module docstring
 
 
@@ -50,12 +53,12 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 # ---- (a) sharded layouts stream the full model's HF tensors bitwise --------------------------
 
 
-def _layouts_worker(rank: int, world_size: int, dirs: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+def _layouts_worker(rank: int, world_size: int, dirs: list[str]) -> dict[str, Any]:
     from core.engine import load_full_weights
     from core.parallel import ParallelDims, build_groups
     from rollout.refit import gather_to_rank0_over_pp
 
-    out: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, Any] = {}
     tp = build_groups(ParallelDims(tp=2, world_size=world_size), rank)
     pp = build_groups(ParallelDims(pp=2, world_size=world_size), rank)
     for hf_dir in dirs:
@@ -64,6 +67,7 @@ def _layouts_worker(rank: int, world_size: int, dirs: list[str]) -> dict[str, di
         model = GPTModel(config, tp_group=tp.tp_group)
         load_full_weights([model], state, tp)
         out[f"tp2:{hf_dir}"] = {n: t.clone() for n, t in training_weights_to_hf([model], tp, config)}
+        out[f"logprobs:{hf_dir}"] = recompute_logprobs(model, SEQUENCES, tp.tp_group)
         half = config.num_layers // 2
         layers = (0, half) if rank == 0 else (half, config.num_layers)
         stage = GPTModel(config, layer_range=layers, pre_process=rank == 0, post_process=rank == 1)
@@ -91,6 +95,10 @@ def test_tp2_and_pp2_stream_the_saved_hf_state_dict_bitwise(checkpoints, tmp_pat
                 for name, tensor in expected.items():
                     assert torch.equal(got[name], tensor), (layout, rank, name)
         assert results[1][f"pp2:{hf_dir}"] == {}  # later stages send, pp rank 0 yields
+        reference = recompute_logprobs(load_hf(hf_dir), SEQUENCES)
+        for rank in (0, 1):
+            for got, want in zip(results[rank][f"logprobs:{hf_dir}"], reference, strict=True):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 # ---- (b) refit into engines built from another model -----------------------------------------

@@ -32,7 +32,9 @@ class TrainConfig(Schema):
     seed: int = Field(1234, ge=0)
     global_batch_size: int = Field(32, ge=1, description="sequences per optimizer step, over all dp ranks")
     micro_batch_size: int = Field(
-        8, ge=1, description="sequences per forward/backward on one data-parallel rank; accumulation fills the rest"
+        8,
+        ge=1,
+        description="sequences per forward/backward on one data-parallel rank; accumulation fills the rest",
     )
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
@@ -40,7 +42,6 @@ class TrainConfig(Schema):
     keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
     progress_bar: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
-
 
     def grad_accum_steps(self, dp: int) -> int:
         """Micro-batches per step on each dp rank (Megatron's convention: gbs = mbs * dp * accumulation)."""

@@ -85,7 +85,16 @@ def test_resume_at_another_layout(tmp_path, reference):
 
 
 def test_impossible_layout_exits_2(tmp_path):
-    cmd = [sys.executable, "-m", "rl.cli", "pretrain", str(TINY), *FAST, f"run.dir={tmp_path / 'r'}", "parallel.tp=4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rl.cli",
+        "pretrain",
+        str(TINY),
+        *FAST,
+        f"run.dir={tmp_path / 'r'}",
+        "parallel.tp=4",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "parallel.tp=4" in proc.stderr and "error:" in proc.stderr

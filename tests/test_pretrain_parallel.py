@@ -64,9 +64,10 @@ def assert_same_curve(got: list[tuple[int, float]], want: list[tuple[int, float]
     [
         ["parallel.tp=2"],
         ["parallel.pp=2", "parallel.vpp=2"],
-        ["parallel.dp=2", "parallel.distributed_optimizer=true"],
+        # 8 ranks on 2 cores: every axis at once, ZeRO-1 sharding over dp inside each (tp, pp) slice.
+        ["parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.distributed_optimizer=true"],
     ],
-    ids=["tp2", "pp2-interleaved", "dp2-zero1"],
+    ids=["tp2", "pp2-interleaved", "tp2-pp2-dp2-zero1"],
 )
 def test_layout_matches_single_process(tmp_path, reference, layout):
     want = curve(reference)

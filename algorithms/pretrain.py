@@ -473,7 +473,7 @@ SHOWN = ("train/loss", "train/lr", "eval/accuracy")
 def validate_layout(cfg: PretrainConfig, config) -> ParallelDims:
     """The layout is checked against the model before any rank starts."""
     par = cfg.parallel
-    dims = ParallelDims(tp=par.tp, cp=par.cp, ep=par.ep, dp=par.dp, pp=par.pp, world_size=par.world_size)
+    dims = _dims(cfg)
     validate_model_layout(dims, _LayoutView(config, par.vpp))
     cfg.train.grad_accum_steps(par.dp)
     if par.cp > 1:

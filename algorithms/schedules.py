@@ -28,16 +28,3 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, max_steps: int, cfg: OptimConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, max_steps, cfg) / cfg.lr)
-
-
-def build_adamw(params: list[torch.nn.Parameter], cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases and norm weights (1-D params), as Megatron and nanoGPT do."""
-    decay = [p for p in params if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in params if p.requires_grad and p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None
-    )

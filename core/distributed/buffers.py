@@ -23,20 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+# Re-exported for the other core.distributed modules (one definition, in core.parallel.collectives).
+from core.parallel.collectives import all_gather_single, group_rank, group_size, reduce_scatter_single  # noqa: F401
+
 ALIGN = 64  # elements: 256 B for fp32, keeps every main_grad and every shard vector-aligned
-
-# torch >= 2.13 renamed the single-tensor collectives; torch 2.11 (CUDA machines) has only the old names.
-all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-def group_size(group: dist.ProcessGroup | None) -> int:
-    """None means 'no group': a single process, every collective is the identity."""
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def group_rank(group: dist.ProcessGroup | None) -> int:
-    return 0 if group is None else dist.get_rank(group)
 
 
 def is_expert(p: nn.Parameter) -> bool:

@@ -17,11 +17,12 @@ import torch.distributed as dist
 SEQ_DIM = 1
 
 # torch >= 2.13 renamed the single-tensor collectives; fall back to the old names on older torch.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
+    """None means 'no group': a single process, every collective is the identity."""
     return 1 if group is None else dist.get_world_size(group)
 
 
@@ -60,7 +61,7 @@ def all_gather_along_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup | N
         return x
     x_front = x.movedim(dim, 0).contiguous()  # (n, ...)
     out = torch.empty((size * x_front.shape[0], *x_front.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_single(out, x_front, group=group)
+    all_gather_single(out, x_front, group=group)
     return out.movedim(0, dim).contiguous()
 
 
@@ -73,7 +74,7 @@ def reduce_scatter_along_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup
         raise ValueError(f"dim {dim} of shape {tuple(x.shape)} is not divisible by group size {size}")
     x_front = x.movedim(dim, 0).contiguous()  # (size * n, ...)
     out = torch.empty((x_front.shape[0] // size, *x_front.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_single(out, x_front, group=group)
+    reduce_scatter_single(out, x_front, group=group)
     return out.movedim(0, dim).contiguous()
 
 

@@ -165,6 +165,34 @@ class ModelEngine:
             c.train()
         return self._reduce_metric(per_mb, key)
 
+    @torch.no_grad()
+    def forward_collect(
+        self, micro_batches: Sequence[MicroBatch], fn: LossFn
+    ) -> list[dict[str, torch.Tensor]]:
+        """Per-micro-batch outputs of fn(logits, micro_batch) -> (unused, {name: tensor}), in order.
+
+        Outputs come back on the ranks of the last pipeline stage; other stages get an empty list. With tp
+        they are whatever fn makes of the vocab-parallel logits (e.g. vocab_parallel_logprobs: full per
+        token on every tp rank). This is how RL reads token logprobs, entropies or values out of any layout.
+        """
+        kwargs = {} if self.groups is None else {"groups": self.groups}
+        for c in self.chunks:
+            c.eval()
+        try:
+            return self.schedule(
+                model_chunks=self.chunks,
+                micro_batches=list(micro_batches),
+                loss_fn=fn,
+                forward_only=True,
+                **kwargs,
+            )
+        finally:
+            for c in self.chunks:
+                c.train()
+
+    def is_last_stage(self) -> bool:
+        return self.groups is None or self.groups.pp_rank == self.groups.pp_size - 1
+
     # ---- checkpoints ------------------------------------------------------------------------------------
 
     def sharded_state(self) -> dict[str, Any]:

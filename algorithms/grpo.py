@@ -1,0 +1,669 @@
+"""GRPO: sample N responses per prompt, score them, and push the policy towards the better ones.
+
+One step (DESIGN.md "One GRPO step") is the composition of named phases, each a method callable alone:
+    prompts -> refit -> generate -> score -> logprobs (old, ref) -> advantages -> train -> log/eval/save
+The loop only talks to the interfaces of algorithms/interfaces.py (Policy, Reference, Generator,
+WeightSync, Environment): `build_components` makes in-process ones for a single process; rl/ builds Ray
+worker groups with the same methods for a cluster.
+
+Batch (`build_batch`): prompt + response right-padded to T; token-aligned tensors, value[:, t] belongs to
+input_ids[:, t] (position 0 is always 0). The sampler's logprobs ride along so that every step logs the
+logprob gap |trainer - sampler| on the response tokens: ~1e-6 in fp32 when refit is right, O(0.1-1)
+when the generator samples from other weights than the trainer scores (the classic refit bug).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from algorithms.inprocess_policy import PolicyLossConfig
+from algorithms.interfaces import Batch, Environment, Generator, Policy, Reference, WeightSync
+from algorithms.rl_inputs import PromptLoader, Row
+from core.config import OptimConfig, ParallelConfig, PrecisionConfig, RunConfig, Schema, TrainConfig
+from core.errors import InputError
+from rollout.environments import Completion, Score
+from rollout.types import GenerationRequest, GenerationResult, SamplingParams
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+class GRPOModelConfig(Schema):
+    init_from: str = Field(
+        description="HF checkpoint dir, converted (native) dir, an `rl pretrain` run dir or one of its "
+        "checkpoints/step_N"
+    )
+    tokenizer: str | None = Field(None, description="tokenizer dir; default: the one next to the weights")
+
+
+class ArithmeticPromptsConfig(Schema):
+    n_train: int = Field(2000, ge=1)
+    n_eval: int = Field(200, ge=1)
+    digits: int = Field(2, ge=1, le=6)
+    ops: str = Field("+", pattern=r"^[+\-*]+$")
+    seed: int = 0
+
+
+class PromptsConfig(Schema):
+    path: str | None = Field(None, description='JSONL of {"prompt": str, ...} rows (e.g. "answer")')
+    eval_path: str | None = Field(None, description="held-out JSONL, same format; none: no validation")
+    prompt_key: str = "prompt"
+    synthetic: ArithmeticPromptsConfig | None = Field(None, description="the embedded arithmetic task")
+    shuffle: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PromptsConfig:
+        if (self.path is None) == (self.synthetic is None):
+            raise ValueError("set exactly one of data.path and data.synthetic")
+        return self
+
+
+class RolloutConfig(Schema):
+    engine: Literal["native", "vllm"] = Field(
+        "native", description="native: our engine on the training weights (no copy); vllm: refit each step"
+    )
+    prompts_per_step: int = Field(8, ge=1)
+    n: int = Field(8, ge=1, description="samples per prompt (the GRPO group)")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    max_tokens: int = Field(16, ge=1, description="new tokens per response at most")
+    max_num_seqs: int = Field(64, ge=1, description="native: sequences decoded together")
+    kv_cache_gib: float = Field(0.25, gt=0, description="vllm: KV cache size")
+
+
+class EnvironmentConfig(Schema):
+    name: Literal["arithmetic", "exact_match", "math"] = "arithmetic"
+    correct_reward: float = 1.0
+    format_reward: float = Field(0.0, description="added for a well-formed response (answer + EOS)")
+    answer_key: str = Field("answer", description="exact_match / math: the row's reference field")
+
+    def build(self) -> Any:
+        from rollout.environments import build_environment
+
+        kwargs: dict[str, Any] = {"correct_reward": self.correct_reward, "format_reward": self.format_reward}
+        if self.name != "arithmetic":
+            kwargs["answer_key"] = self.answer_key
+        return build_environment(self.name, **kwargs)
+
+
+class AlgorithmConfig(Schema):
+    advantage: Literal["grpo", "rloo", "reinforce_plus_plus"] = "grpo"
+    norm_by_std: bool = Field(True, description="grpo: divide by the group's std (False: Dr. GRPO)")
+    gamma: float = Field(1.0, ge=0, le=1, description="reinforce_plus_plus: discount")
+    loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig)
+
+
+class EvalConfig(Schema):
+    num_prompts: int = Field(100, ge=1, description="held-out prompts scored greedily at each evaluation")
+    max_tokens: int | None = Field(None, ge=1, description="None: rollout.max_tokens")
+
+
+class GRPOConfig(Schema):
+    run: RunConfig = Field(default_factory=lambda: RunConfig(dir="runs/grpo"))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    model: GRPOModelConfig
+    data: PromptsConfig = Field(default_factory=lambda: PromptsConfig(synthetic=ArithmeticPromptsConfig()))
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    environment: EnvironmentConfig = Field(default_factory=EnvironmentConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
+
+    @model_validator(mode="after")
+    def _batch_sizes(self) -> GRPOConfig:
+        sequences = self.rollout.prompts_per_step * self.rollout.n
+        if sequences % self.train.global_batch_size:
+            raise ValueError(
+                f"rollout.prompts_per_step * rollout.n = {sequences} sequences per step must be a multiple of "
+                f"train.global_batch_size={self.train.global_batch_size} (each slice is one optimizer step)"
+            )
+        if self.algorithm.advantage in ("grpo", "rloo") and self.rollout.n < 2:
+            raise ValueError(f"algorithm.advantage={self.algorithm.advantage} needs rollout.n >= 2 (a group)")
+        return self
+
+    @property
+    def optimizer_steps_per_step(self) -> int:
+        return self.rollout.prompts_per_step * self.rollout.n // self.train.global_batch_size
+
+
+# ---------------------------------------------------------------------------------------------- phases
+
+
+@dataclass
+class Rollouts:
+    """One step's prompts and what came back for them, in prompt order."""
+
+    rows: list[Row]  # dataset rows, one per prompt
+    prompt_ids: list[list[int]]
+    results: list[GenerationResult] = field(default_factory=list)
+    scores: list[Score] = field(default_factory=list)  # flat: prompt-major, n per prompt
+
+
+def sampling_requests(
+    prompt_ids: Sequence[list[int]], cfg: RolloutConfig, seed: int, greedy: bool = False
+) -> list[GenerationRequest]:
+    """Prompt i's samples draw from seeds seed + i*n ... (engines seed sample j with seed + j), so a step's
+    samples depend only on (seed, weights): a resumed run draws what the uninterrupted one drew."""
+    n = 1 if greedy else cfg.n
+    requests = []
+    for i, ids in enumerate(prompt_ids):
+        params = SamplingParams(
+            n=n,
+            temperature=0.0 if greedy else cfg.temperature,
+            top_p=1.0 if greedy else cfg.top_p,
+            top_k=None if greedy else cfg.top_k,
+            max_tokens=cfg.max_tokens,
+            seed=seed + i * n,
+            logprobs=True,
+        )
+        requests.append(GenerationRequest(ids, params, request_id=str(i)))
+    return requests
+
+
+def completions_of(rollouts: Rollouts, decode: Callable[[list[int]], str]) -> list[Completion]:
+    """Decoded responses (special tokens dropped), prompt-major, with each prompt's row attached."""
+    return [
+        Completion(row["prompt"], decode(sample.token_ids), sample.finish_reason, row)
+        for row, result in zip(rollouts.rows, rollouts.results, strict=True)
+        for sample in result.samples
+    ]
+
+
+def build_batch(results: Sequence[GenerationResult], scores: Sequence[Score], pad_id: int = 0) -> Batch:
+    """Training batch of prompt + response rows, right-padded (see the module docstring).
+
+    input_ids (B, T) long; response_mask (B, T) float, 1 on generated tokens (EOS included: the policy
+    learns to stop); sampler_logprobs (B, T) fp32; group_index (B,) the prompt of each row; rewards,
+    correct (B,) fp32. B = sum of samples over results, prompt-major.
+    """
+    rows = [(r.prompt_token_ids, s) for r in results for s in r.samples]
+    if len(rows) != len(scores):
+        raise ValueError(f"build_batch: {len(rows)} samples but {len(scores)} scores")
+    T = max(len(p) + len(s.token_ids) for p, s in rows)
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    response_mask = torch.zeros(B, T)
+    sampler_logprobs = torch.zeros(B, T)
+    for b, (prompt, sample) in enumerate(rows):
+        start, end = len(prompt), len(prompt) + len(sample.token_ids)
+        input_ids[b, :end] = torch.tensor([*prompt, *sample.token_ids])
+        response_mask[b, start:end] = 1.0
+        if sample.logprobs is not None:
+            sampler_logprobs[b, start:end] = torch.tensor(sample.logprobs)
+    group_index = torch.tensor([i for i, r in enumerate(results) for _ in r.samples], dtype=torch.long)
+    return {
+        "input_ids": input_ids,
+        "response_mask": response_mask,
+        "sampler_logprobs": sampler_logprobs,
+        "group_index": group_index,
+        "rewards": torch.tensor([s.reward for s in scores], dtype=torch.float32),
+        "correct": torch.tensor([float(s.correct) for s in scores]),
+    }
+
+
+def logprob_gap(
+    trainer: torch.Tensor, sampler: torch.Tensor, response_mask: torch.Tensor
+) -> dict[str, float]:
+    """mean / max |trainer - sampler| logprob over response tokens (float64)."""
+    mask = response_mask.bool()
+    diff = (trainer.double() - sampler.double())[mask].abs()
+    if diff.numel() == 0:
+        return {"rollout/logprob_gap_mean": 0.0, "rollout/logprob_gap_max": 0.0}
+    return {"rollout/logprob_gap_mean": float(diff.mean()), "rollout/logprob_gap_max": float(diff.max())}
+
+
+def advantages_of(batch: Batch, cfg: AlgorithmConfig) -> torch.Tensor:
+    """(B, T) advantages from the row rewards by the configured estimator (0 off the response)."""
+    from algorithms.advantages import compute_advantages
+
+    inputs: dict[str, Any] = {"group_index": batch["group_index"]}
+    if cfg.advantage == "grpo":
+        inputs["norm_by_std"] = cfg.norm_by_std
+    if cfg.advantage == "reinforce_plus_plus":
+        inputs["gamma"] = cfg.gamma
+    advantages, _ = compute_advantages(cfg.advantage, batch["rewards"], batch["response_mask"], **inputs)
+    return advantages
+
+
+def rollout_metrics(
+    batch: Batch, scores: Sequence[Score], results: Sequence[GenerationResult]
+) -> dict[str, float]:
+    rewards = batch["rewards"]
+    lengths = batch["response_mask"].sum(-1)
+    samples = [s for r in results for s in r.samples]
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "reward/accuracy": float(batch["correct"].mean()),
+        "reward/well_formed": sum(s.well_formed for s in scores) / max(1, len(scores)),
+        "response/length_mean": float(lengths.mean()),
+        "response/length_max": float(lengths.max()),
+        "response/truncated_frac": sum(s.finish_reason == "length" for s in samples) / max(1, len(samples)),
+    }
+
+
+def split_batch(batch: Batch, parts: int) -> list[Batch]:
+    """Equal slices along dim 0 (each one optimizer step), in order."""
+    B = batch["input_ids"].shape[0]
+    size = B // parts
+    return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(parts)]
+
+
+def mean_metrics(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    keys = {k for r in rows for k in r}
+    return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in sorted(keys)}
+
+
+@contextmanager
+def timed(times: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[f"time/{name}"] = time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class Components:
+    """What a GRPO run drives; in-process objects or worker-group handles with the same methods."""
+
+    policy: Policy
+    generator: Generator
+    weight_sync: WeightSync
+    environment: Environment
+    tokenizer: Any
+    reference: Reference | None = None
+    colocated: bool = True  # generator shares the policy's devices: sleep it while training
+
+
+class GRPOTrainer:
+    """The driver: phases as methods, `step` their composition, `fit` the loop with logging and checkpoints."""
+
+    def __init__(
+        self, cfg: GRPOConfig, parts: Components, train_rows: list[Row], eval_rows: list[Row]
+    ) -> None:
+        self.cfg, self.parts = cfg, parts
+        self.run_dir = Path(cfg.run.dir)
+        self.loader = PromptLoader(train_rows, cfg.rollout.prompts_per_step, cfg.train.seed, cfg.data.shuffle)
+        self.eval_rows = eval_rows[: cfg.eval.num_prompts]
+        self.step_count = 0
+        self._synced_step = -1  # the step whose weights the generator holds
+        self.maybe_resume()
+
+    # ---- phases ---------------------------------------------------------------------------------------
+
+    def encode(self, rows: Sequence[Row]) -> list[list[int]]:
+        from algorithms.evaluation import encode_prompt
+
+        return [encode_prompt(self.parts.tokenizer, row["prompt"]) for row in rows]
+
+    def next_prompts(self) -> Rollouts:
+        """Phase 1: the next batch of prompts from the (resumable) loader."""
+        rows = [row for _, row in self.loader.next_batch()]
+        return Rollouts(rows, self.encode(rows))
+
+    def refit(self) -> None:
+        """Phase 2: the generator samples from the policy's current weights (version = optimizer steps
+        taken + 1); a no-op when it already does (e.g. right after a validation)."""
+        if self._synced_step != self.step_count:
+            self.parts.weight_sync(self.step_count + 1)
+            self._synced_step = self.step_count
+
+    def generate(self, rollouts: Rollouts, greedy: bool = False) -> None:
+        """Phase 3: n samples per prompt (token ids + sampler logprobs)."""
+        seed = self.cfg.train.seed * 1_000_003 + self.step_count * 10_007 * self.cfg.rollout.n
+        self.parts.generator.wake_up()
+        rollouts.results = self.parts.generator.generate(
+            sampling_requests(rollouts.prompt_ids, self.cfg.rollout, seed, greedy)
+        )
+        if self.parts.colocated:
+            self.parts.generator.sleep()
+
+    def score(self, rollouts: Rollouts) -> None:
+        """Phase 4: environment rewards for every sample."""
+        decode = lambda ids: self.parts.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        rollouts.scores = self.parts.environment.score(completions_of(rollouts, decode))
+
+    def logprobs(self, batch: Batch) -> dict[str, float]:
+        """Phase 5: old (policy) and reference logprobs on the batch; returns the logprob-gap metrics."""
+        out = self.parts.policy.logprobs(batch)
+        batch["old_logprobs"] = out["logprobs"]
+        if self.parts.reference is not None:
+            batch["ref_logprobs"] = self.parts.reference.logprobs(batch)["logprobs"]
+        return logprob_gap(batch["old_logprobs"], batch["sampler_logprobs"], batch["response_mask"])
+
+    def advantages(self, batch: Batch) -> None:
+        """Phase 6: the configured estimator."""
+        batch["advantages"] = advantages_of(batch, self.cfg.algorithm)
+
+    def train(self, batch: Batch) -> dict[str, float]:
+        """Phase 7: one optimizer step per global batch of sequences."""
+        train_batch = {k: v for k, v in batch.items() if k not in ("sampler_logprobs", "rewards", "correct")}
+        parts = self.cfg.optimizer_steps_per_step
+        metrics = mean_metrics([self.parts.policy.train(mb) for mb in split_batch(train_batch, parts)])
+        return {k if "/" in k else f"train/{k}": v for k, v in metrics.items()}
+
+    def step(self) -> dict[str, float]:
+        """One GRPO step: phases 1-7; returns the step's metrics."""
+        times: dict[str, float] = {}
+        start = time.perf_counter()
+        rollouts = self.next_prompts()
+        with timed(times, "refit"):
+            self.refit()
+        with timed(times, "generate"):
+            self.generate(rollouts)
+        with timed(times, "score"):
+            self.score(rollouts)
+        batch = build_batch(rollouts.results, rollouts.scores, self.pad_id)
+        with timed(times, "logprobs"):
+            gap = self.logprobs(batch)
+        with timed(times, "advantages"):
+            self.advantages(batch)
+        with timed(times, "train"):
+            train_metrics = self.train(batch)
+        self.step_count += 1
+        times["time/step"] = time.perf_counter() - start
+        return {**rollout_metrics(batch, rollouts.scores, rollouts.results), **gap, **train_metrics, **times}
+
+    @property
+    def pad_id(self) -> int:
+        return self.parts.tokenizer.pad_token_id or 0
+
+    # ---- phase 8: validate, save, log -----------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy accuracy (and mean reward) on the held-out prompts, with the current weights."""
+        if not self.eval_rows:
+            return {}
+        self.refit()
+        rollouts = Rollouts(list(self.eval_rows), self.encode(self.eval_rows))
+        eval_cfg = self.cfg.rollout.model_copy(
+            update={"max_tokens": self.cfg.eval.max_tokens or self.cfg.rollout.max_tokens}
+        )
+        self.parts.generator.wake_up()
+        rollouts.results = self.parts.generator.generate(
+            sampling_requests(rollouts.prompt_ids, eval_cfg, 0, True)
+        )
+        if self.parts.colocated:
+            self.parts.generator.sleep()
+        self.score(rollouts)
+        n = max(1, len(rollouts.scores))
+        return {
+            "eval/accuracy": sum(s.correct for s in rollouts.scores) / n,
+            "eval/reward": sum(s.reward for s in rollouts.scores) / n,
+        }
+
+    def save(self) -> Path:
+        """checkpoints/step_N, atomically: policy (weights, optimizer, schedule) + driver state, written
+        under .tmp-step_N and renamed once complete (a crash leaves the previous checkpoint)."""
+        from core.checkpoint.checkpointer import MARKER, list_checkpoints, rng_state
+
+        root = self.run_dir / "checkpoints"
+        final, tmp = root / f"step_{self.step_count}", root / f".tmp-step_{self.step_count}"
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        self.parts.policy.save(tmp / "policy")
+        driver = {"step": self.step_count, "data": self.loader.state_dict(), "rng": rng_state()}
+        torch.save(driver, tmp / "trainer.pt")
+        (tmp / MARKER).write_text(f"{self.step_count}\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in list_checkpoints(root)[: -self.cfg.train.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def maybe_resume(self) -> None:
+        """Continue from the newest complete checkpoint in run.dir, if any."""
+        from core.checkpoint.checkpointer import latest_checkpoint, set_rng_state
+
+        path = latest_checkpoint(self.run_dir / "checkpoints")
+        if path is None:
+            return
+        self.parts.policy.load(path / "policy")
+        driver = torch.load(path / "trainer.pt", weights_only=False)
+        self.step_count = int(driver["step"])
+        self.loader.load_state_dict(driver["data"])
+        set_rng_state(driver["rng"])
+
+    def _due(self, every: int) -> bool:
+        return (every > 0 and self.step_count % every == 0) or self.step_count == self.cfg.train.max_steps
+
+    def fit(self) -> dict[str, float]:
+        from core.utils.metrics import MetricsLogger
+
+        tcfg = self.cfg.train
+        logger = MetricsLogger(self.run_dir, resume_step=self.step_count)
+        bar = _progress(tcfg.max_steps, self.step_count, tcfg.progress_bar)
+        last: dict[str, float] = {}
+        try:
+            if self.step_count == 0 and tcfg.eval_every > 0 and self.eval_rows:
+                logger.log(0, self.evaluate())  # the starting point of the validation curve
+            while self.step_count < tcfg.max_steps:
+                metrics = self.step()
+                if self._due(tcfg.eval_every) and self.eval_rows:
+                    with timed(metrics, "eval"):
+                        metrics.update(self.evaluate())
+                if self._due(tcfg.save_every):
+                    with timed(metrics, "save"):
+                        self.save()
+                if self._due(tcfg.log_every) or "eval/accuracy" in metrics:
+                    logger.log(self.step_count, metrics)
+                    last = metrics
+                bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in SHOWN if k in metrics})
+                bar.update(1)
+        finally:
+            bar.close()
+            logger.close()
+        return last
+
+    def export(self, model_config: Any, tokenizer_dir: str | Path | None) -> Path:
+        """hf/: the trained policy as a Hugging Face checkpoint (+ tokenizer), written under a temp name."""
+        out, tmp = self.run_dir / "hf", self.run_dir / ".tmp-hf"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_hf(self.parts.policy.hf_weights(), model_config, tmp, tokenizer_dir)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        return out
+
+
+def write_hf(
+    hf_weights: Iterator[tuple[str, torch.Tensor]], config: Any, path: Path, tokenizer_dir: str | Path | None
+) -> None:
+    """config.json + model.safetensors (+ tokenizer files) from a stream of HF-named tensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from core.bridge.convert import resolve_architecture
+    from core.bridge.hf import copy_tokenizer_files
+
+    path.mkdir(parents=True, exist_ok=True)
+    hf_config = resolve_architecture(None, config).hf_config_from(config)
+    # clone: HF tensors split from one fused parameter share storage, which safetensors refuses.
+    tensors = {name: t.detach().cpu().clone() for name, t in hf_weights}
+    hf_config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, path)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+
+
+SHOWN = ("reward/mean", "reward/accuracy", "eval/accuracy", "rollout/logprob_gap_max")
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, initial=initial, disable=not enabled, desc="grpo", unit="step", dynamic_ncols=True
+    )
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+
+@dataclass
+class Inputs:
+    """Everything read from disk before the run starts (so bad input fails before anything is written)."""
+
+    source: Any  # rl_inputs.InitSource
+    tokenizer: Any
+    tokenizer_dir: Path
+    environment: Any
+    train_rows: list[Row]
+    eval_rows: list[Row]
+    max_model_len: int
+
+
+def check_inputs(cfg: GRPOConfig) -> Inputs:
+    """Model source, tokenizer, environment, every prompt row and the context length, checked up front."""
+    from algorithms.evaluation import encode_prompt
+    from algorithms.rl_inputs import arithmetic_prompts, read_prompt_file, resolve_init
+    from core.data.tokenizer import load_tokenizer
+
+    if cfg.parallel.world_size > 1:
+        raise InputError("rl grpo runs in a single process for now: set parallel.tp/pp/cp/dp to 1")
+    source = resolve_init(cfg.model.init_from)
+    tokenizer_dir = Path(cfg.model.tokenizer) if cfg.model.tokenizer else source.tokenizer
+    if tokenizer_dir is None:
+        raise InputError(f"model.tokenizer: no tokenizer next to {source.path}; set model.tokenizer")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    env = cfg.environment.build()
+    if cfg.data.synthetic is not None:
+        syn = cfg.data.synthetic
+        train_rows, eval_rows = arithmetic_prompts(syn.n_train, syn.n_eval, syn.digits, syn.ops, syn.seed)
+    else:
+        key = cfg.data.prompt_key
+        train_rows = read_prompt_file(cfg.data.path, env.check_row, key)
+        eval_rows = read_prompt_file(cfg.data.eval_path, env.check_row, key) if cfg.data.eval_path else []
+    for i, row in enumerate(train_rows[:1] + eval_rows[:1]):
+        env.check_row(row, f"prompt {i}")
+    longest = max(len(encode_prompt(tokenizer, r["prompt"])) for r in train_rows + eval_rows)
+    max_tokens = max(cfg.rollout.max_tokens, cfg.eval.max_tokens or 0)
+    max_model_len = longest + max_tokens
+    limit = _max_positions(source)
+    if limit is not None and max_model_len > limit:
+        raise InputError(
+            f"longest prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+            f"max_position_embeddings={limit}"
+        )
+    return Inputs(source, tokenizer, Path(tokenizer_dir), env, train_rows, eval_rows, max_model_len)
+
+
+def _max_positions(source: Any) -> int | None:
+    import json
+
+    if source.kind == "hf":
+        return json.loads((source.path / "config.json").read_text()).get("max_position_embeddings")
+    return None  # checked again by the engine, which knows the model
+
+
+def build_components(cfg: GRPOConfig, inputs: Inputs, device: torch.device) -> tuple[Components, Any]:
+    """In-process policy (+ reference), generation engine and weight sync; returns them and the model
+    config (for the HF export)."""
+    from algorithms.rl_inputs import load_init_model
+
+    torch.manual_seed(cfg.train.seed)
+    full = load_init_model(inputs.source)
+    model_config = full.config
+    policy = build_policy(cfg, full, device)
+    reference = build_reference(cfg, full, device) if needs_reference(cfg) else None
+    del full
+    generator, sync, colocated = build_generator(cfg, inputs, policy, device)
+    parts = Components(policy, generator, sync, inputs.environment, inputs.tokenizer, reference, colocated)
+    return parts, model_config
+
+
+def build_policy(cfg: GRPOConfig, model: Any, device: torch.device) -> Any:
+    from algorithms.inprocess_policy import InProcessPolicy
+    from algorithms.pretrain import param_dtype
+
+    total = cfg.train.max_steps * cfg.optimizer_steps_per_step
+    dtype = param_dtype(cfg.precision, device)
+    return InProcessPolicy(
+        model, cfg.optim, cfg.algorithm.loss, cfg.train.micro_batch_size, total, device, dtype
+    )
+
+
+def needs_reference(cfg: GRPOConfig) -> bool:
+    return cfg.algorithm.loss.kl_coef > 0
+
+
+def build_reference(cfg: GRPOConfig, model: Any, device: torch.device) -> Any:
+    """The initial policy, frozen (only its logprobs are used)."""
+    return build_policy(cfg, model, device)
+
+
+def build_generator(
+    cfg: GRPOConfig, inputs: Inputs, policy: Any, device: torch.device
+) -> tuple[Any, Any, bool]:
+    """native: our engine generates from the policy's own parameters (no copy; sync only records the
+    version). vllm: an engine started from the initial HF weights, refitted from policy.hf_weights()."""
+    eos = [inputs.tokenizer.eos_token_id] if inputs.tokenizer.eos_token_id is not None else []
+    if cfg.rollout.engine == "native":
+        from rollout.engines.native import NativeEngine
+
+        model = policy.generation_model()
+        engine = NativeEngine(
+            model,
+            tokenizer=inputs.tokenizer,
+            max_model_len=inputs.max_model_len,
+            max_num_seqs=cfg.rollout.max_num_seqs,
+            seed=cfg.train.seed,
+            eos_token_ids=eos,
+        )
+        return engine, lambda version: engine.use_model(model, version=version), True
+    from rollout.engines.vllm_engine import VLLMEngine
+    from rollout.refit import refit_engine
+
+    hf_dir = inputs.source.path if inputs.source.kind == "hf" else None
+    if hf_dir is None:
+        hf_dir = Path(cfg.run.dir) / "engine_init"
+        write_hf(policy.hf_weights(), policy.model_config, hf_dir, inputs.tokenizer_dir)
+    engine = VLLMEngine(
+        hf_dir, max_model_len=inputs.max_model_len, kv_cache_gib=cfg.rollout.kv_cache_gib, seed=cfg.train.seed
+    )
+    return engine, lambda version: refit_engine(engine, policy.hf_weights(), version), False
+
+
+def run_grpo(cfg: GRPOConfig) -> dict[str, float]:
+    """Checks every input, then trains to train.max_steps (resuming from run.dir) and exports hf/."""
+    from algorithms.pretrain import resolve_device
+    from core.config import dump_config
+    from core.utils.metrics import plot_metrics
+
+    inputs = check_inputs(cfg)
+    device = resolve_device(cfg.train.device)
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    parts, model_config = build_components(cfg, inputs, device)
+    trainer = GRPOTrainer(cfg, parts, inputs.train_rows, inputs.eval_rows)
+    try:
+        metrics = trainer.fit()
+        trainer.export(model_config, inputs.tokenizer_dir)
+    finally:
+        parts.generator.shutdown()
+    plot_metrics(run_dir, list(PLOTTED))
+    return metrics
+
+
+PLOTTED = ("reward/mean", "reward/accuracy", "eval/accuracy", "train/kl", "rollout/logprob_gap_max")

@@ -1,0 +1,210 @@
+"""What an RL run starts from: the initial model (from any kind of directory) and its prompts.
+
+Model sources (`resolve_init`), checked before anything is written:
+    an HF checkpoint directory       config.json + *.safetensors (tokenizer files next to them)
+    a converted native directory     model_config.json + model.safetensors (`rl convert`)
+    a run directory of `rl pretrain` its hf/ export when present, else its newest checkpoint
+    a checkpoint of `rl pretrain`    run_dir/checkpoints/step_N (architecture from run_dir/config.yaml)
+
+Prompts: JSONL rows {"prompt": str, ...} (other fields, e.g. "answer", travel to the environment), or the
+embedded arithmetic task generated from a seed. `PromptLoader` walks them in a seeded order per epoch and
+its position is part of every checkpoint, so a resumed run sees the prompts the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.errors import InputError
+
+Row = dict[str, Any]
+
+
+# ---- the initial model ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InitSource:
+    """Where the initial weights come from. kind: "hf" | "native" | "checkpoint"; path: the directory read;
+    tokenizer: the tokenizer directory found next to the weights (None when there is none)."""
+
+    kind: str
+    path: Path
+    tokenizer: Path | None
+    run_dir: Path | None = None  # the `rl pretrain` run a checkpoint belongs to
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+
+
+def resolve_init(path: str | Path) -> InitSource:
+    """Classifies `path` (see the module docstring); InputError naming what is missing otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(
+            f"model.init_from: {p} not found (for configs/grpo_tiny.yaml run "
+            "`rl pretrain configs/pretrain_tiny.yaml` first, or point model.init_from at a model)"
+        )
+    if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+        return InitSource("hf", p, p if _has_tokenizer(p) else None)
+    if (p / "model_config.json").is_file():
+        return InitSource("native", p, p if _has_tokenizer(p) else None)
+    if (p / "hf" / "config.json").is_file():
+        return resolve_init(p / "hf")
+    if (p / "checkpoints").is_dir():
+        from core.checkpoint.checkpointer import latest_checkpoint
+
+        latest = latest_checkpoint(p / "checkpoints")
+        if latest is None:
+            raise InputError(f"model.init_from: run directory {p} has no hf/ and no complete checkpoint")
+        return resolve_init(latest)
+    if (p / "COMPLETE").is_file() and (p / "model").is_dir():
+        run_dir = p.parent.parent
+        if not (run_dir / "config.yaml").is_file():
+            raise InputError(
+                f"model.init_from: checkpoint {p} has no {run_dir / 'config.yaml'} (its architecture)"
+            )
+        tok = run_dir / "data" / "tokenizer"
+        return InitSource("checkpoint", p, tok if tok.is_dir() else None, run_dir)
+    raise InputError(
+        f"model.init_from: {p} is not an HF checkpoint, a converted model, an `rl pretrain` run directory "
+        "or one of its checkpoints"
+    )
+
+
+def load_init_model(source: InitSource) -> torch.nn.Module:
+    """The whole initial model (GPTModel) on the CPU in fp32."""
+    if source.kind == "hf":
+        from core.bridge import load_hf
+
+        return load_hf(source.path)
+    if source.kind == "native":
+        from core.bridge import load_native
+
+        return load_native(source.path)[0]
+    return _load_pretrain_checkpoint(source)
+
+
+def _load_pretrain_checkpoint(source: InitSource) -> torch.nn.Module:
+    from algorithms.pretrain import PretrainConfig, transformer_config
+    from core.checkpoint.sharded import OPTIM_PREFIX, load_full_state
+    from core.data.tokenizer import load_tokenizer
+    from core.transformer.model import GPTModel
+
+    assert source.run_dir is not None
+    cfg = _read_pretrain_config(source.run_dir / "config.yaml", PretrainConfig)
+    tokenizer_dir = cfg.data.tokenizer or source.tokenizer
+    vocab = len(load_tokenizer(tokenizer_dir)) if tokenizer_dir else cfg.model.vocab_size or 64
+    model = GPTModel(transformer_config(cfg.model, vocab))
+    state = {
+        k: v for k, v in load_full_state(source.path / "model").items() if not k.startswith(OPTIM_PREFIX)
+    }
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("inv_freq")]
+    if missing or unexpected:
+        raise InputError(
+            f"{source.path}: checkpoint does not match its run's config: {missing[:3] + unexpected[:3]}"
+        )
+    return model
+
+
+def _read_pretrain_config(path: Path, schema: type) -> Any:
+    import yaml
+    from pydantic import ValidationError
+
+    try:
+        return schema.model_validate(yaml.safe_load(path.read_text()))
+    except ValidationError as e:
+        raise InputError(f"{path}: not an `rl pretrain` config ({e.errors()[0]['msg']})") from None
+
+
+# ---- prompts --------------------------------------------------------------------------------------------
+
+
+def read_prompt_file(
+    path: str | Path, check_row: Callable[[Row, str], None], prompt_key: str = "prompt"
+) -> list[Row]:
+    """Rows of a JSONL file; each must have a non-empty string `prompt_key` and pass `check_row`
+    (the environment's own check, e.g. that a reference answer is present). The prompt is stored under
+    "prompt" whatever the key."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"prompts file not found: {p}")
+    rows = []
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{p}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get(prompt_key), str) or not row[prompt_key]:
+                raise InputError(f"{where}: expected an object with a non-empty string {prompt_key!r}")
+            row = {**row, "prompt": row[prompt_key]}
+            check_row(row, where)
+            rows.append(row)
+    if not rows:
+        raise InputError(f"{p}: no prompts (the file is empty)")
+    return rows
+
+
+def arithmetic_prompts(
+    n_train: int, n_eval: int, digits: int, ops: str, seed: int
+) -> tuple[list[Row], list[Row]]:
+    """Train and held-out rows {"prompt": "12+34=", "answer": "46"} of the embedded task (disjoint)."""
+    from core.data.synthetic import generate_arithmetic
+
+    train, held_out = generate_arithmetic(n_train, n_eval, seed, digits, tuple(ops))
+    return [_row(p) for p in train], [_row(p) for p in held_out]
+
+
+def _row(problem: Any) -> Row:
+    return {"prompt": problem.prompt, "answer": problem.answer}
+
+
+class PromptLoader:
+    """Batches of (index, row) in a seeded order that changes every epoch; a batch may span two epochs.
+
+    State: {"epoch", "position"}; restoring it replays exactly the batches that followed.
+    """
+
+    def __init__(self, rows: list[Row], batch_size: int, seed: int, shuffle: bool = True) -> None:
+        if not rows:
+            raise InputError("no prompts to train on")
+        self.rows, self.batch_size, self.seed, self.shuffle = rows, batch_size, seed, shuffle
+        self.epoch, self.position = 0, 0
+        self._order = self._order_of(0)
+
+    def _order_of(self, epoch: int) -> list[int]:
+        order = list(range(len(self.rows)))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next_batch(self) -> list[tuple[int, Row]]:
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._order_of(self.epoch)
+            index = self._order[self.position]
+            batch.append((index, self.rows[index]))
+            self.position += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._order_of(self.epoch)

@@ -9,7 +9,7 @@ import sys
 from core.errors import InputError
 
 # Each module in rl.commands exposes `register(subparsers)`; the parser it adds sets `func(args) -> int`.
-COMMANDS = ["pretrain", "data", "convert", "bench", "generate", "grpo"]
+COMMANDS = ["pretrain", "data", "convert", "bench", "generate", "submit", "job", "grpo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

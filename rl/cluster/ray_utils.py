@@ -58,11 +58,13 @@ def init_ray(
     object_store_memory: int | None = None,
     namespace: str | None = None,
     log_to_driver: bool = True,
+    include_dashboard: bool = False,
 ) -> dict[str, Any]:
     """Start a local Ray cluster (address=None) or attach to one ("auto", "host:port", "ray://...").
 
     num_cpus/num_gpus size a local cluster (logical resources: actors are scheduled by them, not
-    pinned to cores). Returns the cluster's resources. Idempotent: a second call while Ray runs returns.
+    pinned to cores); include_dashboard gives it a dashboard on 127.0.0.1 (the Ray Jobs API needs one).
+    Returns the cluster's resources. Idempotent: a second call while Ray runs returns.
     """
     if ray.is_initialized():
         return ray.cluster_resources()
@@ -77,7 +79,8 @@ def init_ray(
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             object_store_memory=object_store_memory,
-            include_dashboard=False,
+            include_dashboard=include_dashboard,
+            dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
         )
         _start_local(kwargs)

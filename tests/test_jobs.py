@@ -1,0 +1,292 @@
+"""`rl submit` / `rl job` against real Ray heads (`ray start --head`, one with token authentication, as Ray
+starts by default, one with it disabled), both started at once per module on 127.0.0.1 with their own ports
+and temp dirs so they never meet another test's Ray. Each head is stopped by signalling its own
+`ray start --block` process (never `ray stop`, which would stop every Ray cluster on the machine)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from core.utils.metrics import read_metrics
+from rl import jobs
+from rl.cli import build_parser, main
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = str(ROOT / "configs/pretrain_tiny.yaml")
+# A run of a few seconds on 2 cores: small model, few steps, a handful of eval problems, saved at the end.
+TINY = [
+    "model.hidden_size=64",
+    "model.num_layers=1",
+    "model.num_attention_heads=2",
+    "model.num_kv_heads=1",
+    "model.ffn_hidden_size=128",
+    "data.seq_len=32",
+    "data.synthetic.n_train=500",
+    "data.synthetic.n_eval=20",
+    "eval.num_problems=5",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=8",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.save_every=0",
+    "optim.warmup_steps=1",
+]
+START_TIMEOUT_S = 150
+JOB_TIMEOUT_S = 240
+AUTH_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Head:
+    """One `ray start --head --block` in its own session; its dashboard at `address`."""
+
+    def __init__(self, auth_mode: str, worker_port_base: int) -> None:
+        self.token = secrets.token_hex(16) if auth_mode == "token" else None
+        self.temp_dir = tempfile.mkdtemp(prefix="rljob", dir="/tmp")  # short: Ray's socket paths are capped
+        ports = {
+            name: free_port()
+            for name in (
+                "port",
+                "dashboard-port",
+                "ray-client-server-port",
+                "node-manager-port",
+                "object-manager-port",
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "metrics-export-port",
+                "runtime-env-agent-port",
+            )
+        }
+        self.address = f"http://127.0.0.1:{ports['dashboard-port']}"
+        cmd = [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            "--num-cpus=2",
+            f"--temp-dir={self.temp_dir}",
+            f"--min-worker-port={worker_port_base}",  # below the ephemeral range the other ports come from
+            f"--max-worker-port={worker_port_base + 49}",
+            *(f"--{name}={port}" for name, port in ports.items()),
+        ]
+        env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV}
+        env |= {"RAY_AUTH_MODE": auth_mode, "HOME": self.temp_dir, "OMP_NUM_THREADS": "1"}
+        if self.token:
+            env["RAY_AUTH_TOKEN"] = self.token
+        self.log = open(Path(self.temp_dir) / "ray_start.log", "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_ready(self, deadline: float) -> None:
+        while True:
+            assert self.proc.poll() is None, (Path(self.temp_dir) / "ray_start.log").read_text()[-3000:]
+            try:
+                requests.get(f"{self.address}/api/version", timeout=2)  # 401 on the token head: it is up
+                return
+            except requests.RequestException:
+                assert time.monotonic() < deadline, f"Ray head at {self.address} did not come up"
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        """SIGTERM makes `ray start --block` stop its own cluster; its process group is killed after."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def heads():
+    base = 20000 + (os.getpid() % 80) * 100
+    started = {"token": Head("token", base), "disabled": Head("disabled", base + 50)}
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for head in started.values():
+            head.wait_ready(deadline)
+        yield started
+    finally:
+        for head in started.values():
+            head.stop()
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    """No token or address leaks in from the developer's environment or ~/.ray/auth_token."""
+    for key in AUTH_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+def rl(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def job_ids(capsys, address: str) -> list[str]:
+    code, out, err = rl(capsys, "job", "list", "--address", address)
+    assert code == 0, err
+    return [line.split()[0] for line in out.splitlines()[1:]]
+
+
+# ---- against the clusters -------------------------------------------------------------------------
+
+
+def test_submit_tiny_pretrain_runs_to_completion_on_token_cluster(heads, capsys, monkeypatch, tmp_path):
+    head = heads["token"]
+    monkeypatch.setenv("RAY_AUTH_TOKEN", head.token)
+    monkeypatch.chdir(tmp_path)  # a relative run.dir lands here, as `rl pretrain` would put it
+    code, out, err = rl(
+        capsys, "submit", "--address", head.address, "--name", "tiny", "pretrain", TINY_CONFIG, *TINY,
+        "train.max_steps=6", "run.dir=tiny_run",
+    )  # fmt: skip
+    assert code == 0, err + out[-3000:]
+    job_id = out.splitlines()[0]
+    run_dir = tmp_path / "tiny_run"
+    assert f"run directory: {run_dir} (on this machine: the cluster is local)" in err
+    assert "loss=" in out  # the training's own progress output, streamed while it ran
+    assert f"job {job_id} SUCCEEDED" in err
+
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == list(range(1, 7))
+    assert (run_dir / "checkpoints/step_6").is_dir() and (run_dir / "hf/config.json").is_file()
+
+    code, out, _ = rl(capsys, "job", "status", job_id, "--address", head.address)
+    assert code == 0 and f"{job_id}: SUCCEEDED" in out and f"run directory: {run_dir}" in out
+    code, out, _ = rl(capsys, "job", "logs", job_id, "--address", head.address)
+    assert code == 0 and "loss=" in out
+
+
+def test_token_cluster_refuses_a_missing_or_wrong_token(heads, capsys):
+    head = heads["token"]
+    code, out, err = rl(capsys, "submit", "--address", head.address, "pretrain", TINY_CONFIG, *TINY)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and "requires token authentication" in err
+    code, _, err = rl(capsys, "job", "list", "--address", head.address, "--auth-token", "not-the-token")
+    assert code == 2 and "rejected the token from --auth-token" in err
+    code, out, _ = rl(capsys, "job", "list", "--address", head.address, "--auth-token", head.token)
+    assert code == 0 and out.startswith("JOB ID")
+
+
+def test_stop_a_running_job(heads, capsys, tmp_path):
+    head = heads["disabled"]  # no token needed: a cluster started with auth disabled
+    code, out, err = rl(
+        capsys, "submit", "--no-wait", "--address", head.address, "pretrain", TINY_CONFIG, *TINY,
+        "train.max_steps=100000", f"run.dir={tmp_path / 'long'}",
+    )  # fmt: skip
+    assert code == 0, err
+    job_id = out.strip()
+    client = jobs.connect(head.address)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while (status := jobs.job_info(client, job_id).status.value) == "PENDING":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert status == "RUNNING"
+    code, out, err = rl(capsys, "job", "stop", job_id, "--address", head.address)
+    assert code == 0 and out.strip() == f"{job_id}: STOPPED", err
+    assert jobs.job_info(client, job_id).status.value == "STOPPED"
+
+
+def test_bad_input_sends_nothing(heads, capsys):
+    head = heads["disabled"]
+    before = job_ids(capsys, head.address)
+    code, out, err = rl(
+        capsys, "submit", "--address", head.address, "pretrain", TINY_CONFIG, "train.max_stepz=6"
+    )
+    assert (code, out) == (2, "")
+    assert err == f"error: {TINY_CONFIG}: unknown key 'train.max_stepz'; did you mean 'train.max_steps'?\n"
+    code, _, err = rl(capsys, "submit", "--address", head.address, "data", TINY_CONFIG)
+    assert code == 2 and "'data' is not a training command; rl submit runs one of: pretrain" in err
+    code, _, err = rl(capsys, "submit", "--address", head.address, "pretrain", "/nowhere/x.yaml")
+    assert code == 2 and "config file not found" in err
+    assert job_ids(capsys, head.address) == before
+
+
+# ---- without a cluster ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["submit", "pretrain", TINY_CONFIG], ["job", "status", "raysubmit_x"]])
+def test_unreachable_address_is_one_line_exit_2(capsys, argv):
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    code, out, err = rl(capsys, *argv, "--address", address)
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot reach a Ray dashboard at {address}")
+
+
+def test_upload_limit_and_excludes(tmp_path):
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big/weights.bin").write_bytes(b"x" * 3000)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs/ckpt.pt").write_bytes(b"x" * 5000)
+    (tmp_path / "train.py").write_text("print()\n")
+    assert jobs.check_upload_size(tmp_path, jobs.EXCLUDES, limit=4000) == 3000 + 8  # runs/ never uploads
+    with pytest.raises(jobs.InputError, match=r"over Ray's 0.0 MiB limit .*largest: big 0.0 MiB"):
+        jobs.check_upload_size(tmp_path, jobs.EXCLUDES, limit=2000)
+    assert jobs.check_upload_size(tmp_path, [*jobs.EXCLUDES, "big/"], limit=2000) == 8
+
+
+def test_job_spec_and_addresses(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    spec = jobs.build_job("pretrain", TINY_CONFIG, ["train.max_steps=6"], local=True, env={"A": "1"})
+    assert spec.entrypoint.startswith(f"{sys.executable} -m rl.cli pretrain configs/pretrain_tiny.yaml ")
+    assert spec.entrypoint.endswith(f"train.max_steps=6 run.dir={Path.cwd() / 'runs/pretrain_tiny'}")
+    assert spec.runtime_env["working_dir"] == str(ROOT) and spec.runtime_env["env_vars"]["A"] == "1"
+    remote = jobs.build_job("pretrain", TINY_CONFIG, [], local=False, run_dir="/shared/r1")
+    assert remote.entrypoint.startswith("python -m rl.cli") and remote.run_dir == "/shared/r1"
+    assert "relative" in jobs.place_run_dir("runs/x", local=False)[1]
+    outside = tmp_path / "c.yaml"
+    outside.write_text("train: {max_steps: 2}\n")
+    with pytest.raises(jobs.InputError, match="outside the project directory"):
+        jobs.build_job("pretrain", str(outside), [], local=True)
+
+    assert jobs.resolve_address("10.0.0.5:8265") == "http://10.0.0.5:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265/")
+    assert jobs.resolve_address(None) == "http://head:8265"
+    with pytest.raises(jobs.InputError, match="Ray Client address"):
+        jobs.resolve_address("ray://head:10001")
+    assert jobs.is_local_address("http://127.0.0.1:8265") and jobs.is_local_address("http://localhost:1")
+    assert not jobs.is_local_address("http://203.0.113.7:8265")
+    token_file = tmp_path / "token"
+    token_file.write_text("abc\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    assert jobs.find_token() == ("abc", str(token_file))
+    assert jobs.find_token("xyz") == ("xyz", "--auth-token")
+
+
+@pytest.mark.parametrize(
+    "argv", [["submit"], ["job"], ["job", "status"], ["job", "logs"], ["job", "stop"], ["job", "list"]]
+)
+def test_every_command_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args([*argv, "--help"])
+    assert done.value.code == 0 and "usage: rl" in capsys.readouterr().out

@@ -8,6 +8,13 @@ every layout is checked against it by the parity tests.
 
 Step contract (as in Megatron): loss_fn returns the micro-batch's share of the step loss already
 normalised by the GLOBAL number of loss tokens, so gradients are SUMmed over data-parallel ranks.
+
+Context parallelism: callers pass FULL micro-batches (every cp rank of a dp rank the same ones); the
+engine gives each cp rank its load-balanced 2*cp-chunk split (global position ids included, see
+core/transformer/context_parallel.py), so loss_fn sees this rank's tokens only and the global token count
+it divides by stays the caller's. Gradients are summed over dp x cp, metrics too.
+MoE: each rank's load-balancing loss covers its own tokens (Megatron's default); the engine scales it by
+1 / (dp * cp) so that the summed gradient is the mean over ranks, the same coefficient at every layout.
 """
 
 from __future__ import annotations
@@ -30,11 +37,19 @@ from core.checkpoint.sharded import (
     sharded_named_optimizer_state,
 )
 from core.config import OptimConfig, ParallelConfig
-from core.distributed import DistributedDataParallel, build_optimizer, finalize_model_grads
+from core.distributed import (
+    DistributedDataParallel,
+    DynamicGradScaler,
+    build_optimizer,
+    finalize_model_grads,
+)
+from core.parallel.collectives import group_size
 from core.parallel.dims import Groups
-from core.pipeline.layout import allreduce_tied_embedding_grads, build_embedding_group, build_stage_modules
+from core.pipeline.layout import build_embedding_group, build_stage_modules
 from core.pipeline.schedules import get_schedule
+from core.transformer.attention import position_ids_from_segments
 from core.transformer.config import TransformerConfig
+from core.transformer.context_parallel import gather_from_cp, split_for_cp
 from core.transformer.model import GPTModel
 
 MicroBatch = dict[str, torch.Tensor]
@@ -54,6 +69,16 @@ def shard_of(full: torch.Tensor, param: nn.Parameter, groups: Groups | None) -> 
     return out
 
 
+def _scaled_loss_fn(loss_fn: LossFn, scale: float) -> LossFn:
+    """loss_fn whose loss (not its metrics) is multiplied by the fp16 loss scale."""
+
+    def scaled(logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, metrics = loss_fn(logits, mb)
+        return loss * scale, metrics
+
+    return scaled
+
+
 @torch.no_grad()
 def load_full_weights(
     chunks: Sequence[nn.Module], full_state: dict[str, torch.Tensor], groups: Groups | None
@@ -68,6 +93,27 @@ def load_full_weights(
             p.copy_(shard_of(full_state[key], p, groups))
 
 
+def split_micro_batch_for_cp(mb: MicroBatch, cp_group: dist.ProcessGroup | None) -> MicroBatch:
+    """This cp rank's share of a full micro-batch: every (B, T, ...) tensor split on dim 1 into chunks r and
+    2cp-1-r; position_ids (GLOBAL positions, per document when segment_ids are given) made first if
+    missing. Other tensors ((B,) rewards, scalars) are kept whole. Identity for cp = 1."""
+    if group_size(cp_group) == 1:
+        return mb
+    B, T = mb["input_ids"].shape
+    full = dict(mb)
+    if "position_ids" not in full:
+        segments = full.get("segment_ids")
+        full["position_ids"] = (
+            position_ids_from_segments(segments)
+            if segments is not None
+            else torch.arange(T, device=mb["input_ids"].device).expand(B, T)
+        )
+    return {
+        k: split_for_cp(v, 1, cp_group) if v.dim() >= 2 and tuple(v.shape[:2]) == (B, T) else v
+        for k, v in full.items()
+    }
+
+
 @dataclass
 class StepResult:
     loss: float  # mean loss over the step's loss tokens (all dp ranks, all micro-batches)
@@ -76,7 +122,12 @@ class StepResult:
 
 
 class ModelEngine:
-    """Holds the chunks (DDP-wrapped), optimizer and groups of one rank; see the module docstring."""
+    """Holds the chunks (DDP-wrapped), optimizer and groups of one rank; see the module docstring.
+
+    grad_scaler (fp16 parameters): the loss (and MoE aux loss) is multiplied by its scale before backward,
+    the main_grads are unscaled and checked for inf/nan over the whole world after the reduction, and an
+    overflowing step is skipped on every rank (StepResult.metrics: loss_scale, skipped).
+    """
 
     def __init__(
         self,
@@ -87,13 +138,17 @@ class ModelEngine:
         device: torch.device,
         full_state: dict[str, torch.Tensor],
         param_dtype: torch.dtype = torch.float32,
+        grad_scaler: DynamicGradScaler | None = None,
     ):
         self.config, self.parallel, self.groups, self.device = config, parallel, groups, device
+        self.grad_scaler = grad_scaler
         self.embedding_group = build_embedding_group(groups) if groups is not None else None
         self.chunks = self._build_chunks()
         load_full_weights(self.chunks, full_state, groups)
         for chunk in self.chunks:
             chunk.to(device=device, dtype=param_dtype)
+            if config.is_moe:
+                chunk.register_forward_hook(self._scale_aux_loss)
         self.ddp = DistributedDataParallel(
             nn.ModuleList(self.chunks),
             groups.dp_cp_group if groups else None,
@@ -103,42 +158,108 @@ class ModelEngine:
         self.optimizer = build_optimizer(self.ddp, optim, distributed=parallel.distributed_optimizer)
         self.schedule = get_schedule(parallel.pp, parallel.vpp)
         self._ckpt_names = checkpoint_names(self.chunks)
+        self._loss_scale = 1.0  # the grad scaler's scale while a step's backward runs, else 1
 
     def _build_chunks(self) -> list[GPTModel]:
         if self.groups is None:
             return [GPTModel(self.config)]
         return build_stage_modules(
-            self.config, self.groups, self.parallel.vpp, self.groups.tp_group, self.embedding_group
+            self.config,
+            self.groups,
+            self.parallel.vpp,
+            self.groups.tp_group,
+            self.embedding_group,
+            cp_group=self.groups.cp_group,
+            ep_group=self.groups.ep_group,
         )
 
-    # ---- training ---------------------------------------------------------------------------------------
+    def _scale_aux_loss(self, chunk: nn.Module, args: Any, output: Any) -> None:
+        """Forward hook: the chunk's MoE aux loss becomes this rank's share (1 / (dp * cp)), loss-scaled."""
+        dp_cp = self.groups.dp_cp_size if self.groups else 1
+        if chunk.aux_loss is not None:
+            chunk.aux_loss = chunk.aux_loss * (self._loss_scale / dp_cp)
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup | None:
+        return self.groups.cp_group if self.groups else None
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup | None:
+        return self.groups.tp_group if self.groups else None
+
+    def _run_schedule(
+        self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn, forward_only: bool
+    ) -> list[dict[str, torch.Tensor]]:
+        kwargs = {} if self.groups is None else {"groups": self.groups}
+        return self.schedule(
+            model_chunks=self.chunks,
+            micro_batches=[split_micro_batch_for_cp(mb, self.cp_group) for mb in micro_batches],
+            loss_fn=loss_fn,
+            forward_only=forward_only,
+            **kwargs,
+        )
+
+    # ---- training: a step is forward_backward -> finalize_grads -> optimizer_step -----------------------
 
     def train_step(
         self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn, clip_grad: float
     ) -> StepResult:
         """Forward/backward over the micro-batches (pipelined), gradient sync, clipping, optimizer step."""
+        per_mb = self.forward_backward(micro_batches, loss_fn)
+        self.finalize_grads()
+        grad_norm, metrics = self.optimizer_step(clip_grad)
+        return StepResult(self.reduce_metric(per_mb, "loss_sum"), grad_norm, metrics)
+
+    def forward_backward(
+        self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn
+    ) -> list[dict[str, torch.Tensor]]:
+        """Zero the main grads, then forward/backward every micro-batch; gradients stay unreduced."""
         self.optimizer.zero_grad()
-        kwargs = {} if self.groups is None else {"groups": self.groups}
-        # Reductions start once, after the last backward (DDP over all chunks; overlap within pp = 1 would
-        # need per-chunk wrappers, see core/distributed).
-        with self.ddp.no_sync():
-            per_mb = self.schedule(
-                model_chunks=self.chunks, micro_batches=list(micro_batches), loss_fn=loss_fn, **kwargs
-            )
-        self.ddp.finish_grad_sync()
-        tp_group = self.groups.tp_group if self.groups else None
-        finalize_model_grads([self.ddp], tp_group)
-        allreduce_tied_embedding_grads(self.chunks, self.embedding_group)
+        scale = self.grad_scaler.scale if self.grad_scaler is not None else 1.0
+        if scale != 1.0:
+            loss_fn = _scaled_loss_fn(loss_fn, scale)
+        self._loss_scale = scale
+        try:
+            # Reductions start once, after the last backward (DDP over all chunks; overlap within pp = 1 would
+            # need per-chunk wrappers, see core/distributed).
+            with self.ddp.no_sync():
+                return self._run_schedule(micro_batches, loss_fn, forward_only=False)
+        finally:
+            self._loss_scale = 1.0
+
+    def finalize_grads(self) -> None:
+        """Tied-embedding sum over first/last stage, dp x cp reduction, sequence-parallel tp sum."""
+        finalize_model_grads([self.ddp], self.tp_group, embedding_group=self.embedding_group)
+
+    def optimizer_step(self, clip_grad: float) -> tuple[float, dict[str, float]]:
+        """(Unscale and skip on overflow,) clip and step; returns the grad norm before clipping and metrics."""
+        metrics: dict[str, float] = {}
+        if self.grad_scaler is not None:
+            metrics["loss_scale"] = self.grad_scaler.scale
+            found_inf = self.grad_scaler.unscale_(self.optimizer.main_grads(), self._world_groups())
+            self.grad_scaler.update(found_inf)
+            metrics["skipped"] = float(found_inf)
+            if found_inf:
+                return float("inf"), metrics
         grad_norm = self.optimizer.clip_grad_norm_(
             clip_grad if clip_grad > 0 else 0.0,
-            tp_group=tp_group,
+            tp_group=self.tp_group,
             pp_group=self.groups.pp_group if self.groups else None,
             ep_group=self.groups.ep_group if self.groups else None,
         )
         self.optimizer.step()
-        return StepResult(self._reduce_metric(per_mb, "loss_sum"), float(grad_norm), {})
+        return float(grad_norm), metrics
 
-    def _reduce_metric(self, per_mb: list[dict[str, torch.Tensor]], key: str) -> float:
+    def owned_main_grads(self) -> list[tuple[str, int, int, torch.Tensor]]:
+        """(checkpoint name, lo, hi, gradient) for every range [lo, hi) of a flattened local parameter that
+        this rank's optimizer updates: after finalize_grads, the reduced gradient there (parity tests)."""
+        return [(self._ckpt_names[s.param], s.lo, s.hi, s.main_grad) for s in self.optimizer.shards]
+
+    def _world_groups(self) -> list[dist.ProcessGroup]:
+        """tp x pp, then dp x cp: together every rank (an inf anywhere skips the step everywhere)."""
+        return [] if self.groups is None else [self.groups.mp_group, self.groups.dp_cp_group]
+
+    def reduce_metric(self, per_mb: list[dict[str, torch.Tensor]], key: str) -> float:
         """Sum of a last-stage metric over micro-batches, pp stages and dp x cp ranks."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for m in per_mb:
@@ -151,19 +272,14 @@ class ModelEngine:
     @torch.no_grad()
     def forward_only(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn, key: str) -> float:
         """Sum of metric `key` over micro-batches and ranks, without gradients."""
-        kwargs = {} if self.groups is None else {"groups": self.groups}
         for c in self.chunks:
             c.eval()
-        per_mb = self.schedule(
-            model_chunks=self.chunks,
-            micro_batches=list(micro_batches),
-            loss_fn=loss_fn,
-            forward_only=True,
-            **kwargs,
-        )
-        for c in self.chunks:
-            c.train()
-        return self._reduce_metric(per_mb, key)
+        try:
+            per_mb = self._run_schedule(micro_batches, loss_fn, forward_only=True)
+        finally:
+            for c in self.chunks:
+                c.train()
+        return self.reduce_metric(per_mb, key)
 
     @torch.no_grad()
     def forward_collect(
@@ -174,21 +290,31 @@ class ModelEngine:
         Outputs come back on the ranks of the last pipeline stage; other stages get an empty list. With tp
         they are whatever fn makes of the vocab-parallel logits (e.g. vocab_parallel_logprobs: full per
         token on every tp rank). This is how RL reads token logprobs, entropies or values out of any layout.
+        Under cp, fn sees this rank's split; per-token outputs (B, T/cp, ...) come back gathered to (B, T, ...)
+        in global order, other outputs are this cp rank's own.
         """
-        kwargs = {} if self.groups is None else {"groups": self.groups}
         for c in self.chunks:
             c.eval()
         try:
-            return self.schedule(
-                model_chunks=self.chunks,
-                micro_batches=list(micro_batches),
-                loss_fn=fn,
-                forward_only=True,
-                **kwargs,
-            )
+            outputs = self._run_schedule(micro_batches, fn, forward_only=True)
         finally:
             for c in self.chunks:
                 c.train()
+        if group_size(self.cp_group) == 1:
+            return outputs
+        cp = group_size(self.cp_group)
+        gathered = []
+        for mb, out in zip(micro_batches, outputs, strict=True):
+            B, T = mb["input_ids"].shape
+            gathered.append(
+                {
+                    k: gather_from_cp(v, 1, self.cp_group)
+                    if v.dim() >= 2 and tuple(v.shape[:2]) == (B, T // cp)
+                    else v
+                    for k, v in out.items()
+                }
+            )
+        return gathered
 
     def is_last_stage(self) -> bool:
         return self.groups is None or self.groups.pp_rank == self.groups.pp_size - 1

@@ -1,5 +1,11 @@
-"""Finish a step's gradients: data-parallel reduction, then the tensor-parallel sum of the
-sequence-parallel parameters' main_grads.
+"""Finish a step's gradients (Megatron's finalize_model_grads): the tied-embedding sum over the first and
+last pipeline stage, the data-parallel reduction, then the tensor-parallel sum of the sequence-parallel
+parameters' main_grads.
+
+The tied-embedding sum runs on the UNREDUCED main_grads, before the dp reduction: the distributed
+optimizer's reduce-scatter leaves each rank the dp-sum of its own chunk of every bucket only, and the
+first and last stage lay their buffers out differently, so the chunk one rank owns of the embedding is
+not the chunk its peer owns of the output copy. Summed first, every chunk reduces the already-tied grad.
 
 Under sequence parallelism each tp rank runs the norms (and row-parallel biases) on its own T/tp tokens,
 so those replicated parameters (`sequence_parallel = True`) hold partial gradients that must be summed
@@ -15,9 +21,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from core.distributed.buffers import group_size
 from core.distributed.ddp import DistributedDataParallel
+from core.pipeline.layout import allreduce_tied_embedding_grads, tied_embedding_weight
 
 
 @torch.no_grad()
@@ -38,10 +46,37 @@ def allreduce_sequence_parallel_main_grads(
             g.copy_(summed.view_as(g))
 
 
-def finalize_model_grads(
-    model_chunks: Sequence[DistributedDataParallel], tp_group: dist.ProcessGroup | None = None
+def _model_chunks(ddp: DistributedDataParallel) -> list[nn.Module]:
+    """The model chunks a DDP wraps: one module, or the chunks of an nn.ModuleList (ModelEngine)."""
+    return list(ddp.module) if isinstance(ddp.module, nn.ModuleList) else [ddp.module]
+
+
+def _allreduce_tied_embedding_main_grads(
+    model_chunks: Sequence[DistributedDataParallel], embedding_group: dist.ProcessGroup | None
 ) -> None:
-    """After the last micro-batch's backward: every chunk's dp sync, then the sequence-parallel tp sum."""
+    chunks = [c for ddp in model_chunks for c in _model_chunks(ddp)]
+    weight = tied_embedding_weight(chunks)
+    if weight is None or embedding_group is None:
+        return
+    ddp = next(d for d in model_chunks if any(weight is p for p in d.module.parameters()))
+    if ddp.grad_buffer_of(weight).bucket_of[weight].launched:
+        raise RuntimeError(
+            "the tied embedding's gradient bucket was reduced before the tied-embedding sum: run the "
+            "pipeline's backwards under no_sync() and let finalize_model_grads start the dp reduction"
+        )
+    allreduce_tied_embedding_grads(chunks, embedding_group)
+
+
+def finalize_model_grads(
+    model_chunks: Sequence[DistributedDataParallel],
+    tp_group: dist.ProcessGroup | None = None,
+    *,
+    embedding_group: dist.ProcessGroup | None = None,
+) -> None:
+    """After the last micro-batch's backward: the tied-embedding sum over `embedding_group`
+    (build_embedding_group; None at pp = 1 or off the first/last stage), every chunk's dp sync, then the
+    sequence-parallel tp sum. The tied sum needs the dp reduction not started yet (see the docstring)."""
+    _allreduce_tied_embedding_main_grads(model_chunks, embedding_group)
     for chunk in model_chunks:
         chunk.finish_grad_sync()
     for chunk in model_chunks:

@@ -7,7 +7,8 @@ full model's (GPTModel keys layers by global index), so a stage's state_dict is 
 Tied embeddings with pp > 1: the first stage owns embedding.word_embeddings.weight and the last stage a
 separate output_layer.weight (V/tp, H), initialised equal to it by a broadcast over the embedding group
 {first stage, last stage} of each pp group. Each copy gets a partial gradient (input side or output
-side); `allreduce_tied_embedding_grads` sums them after backward, so both copies take the same optimizer
+side); `allreduce_tied_embedding_grads` sums them after backward and BEFORE the data-parallel reduction
+(core.distributed.finalize_model_grads does both in that order), so both copies take the same optimizer
 step and stay equal. The last stage's copy is tagged `pipeline_tied_copy = True`: a global gradient norm
 must count it once (skip it there).
 """
@@ -62,6 +63,9 @@ def build_stage_modules(
     vpp_size: int,
     tp_group: dist.ProcessGroup | None,
     embedding_group: dist.ProcessGroup | None = None,
+    *,
+    cp_group: dist.ProcessGroup | None = None,
+    ep_group: dist.ProcessGroup | None = None,
 ) -> list[GPTModel]:
     """This pp rank's model chunks, in virtual-stage order: chunk 0 of rank 0 embeds, the last chunk of
     the last rank owns the final norm and output head.
@@ -69,7 +73,8 @@ def build_stage_modules(
     Weights are drawn from the default generator in chunk order: seed pp ranks differently (or load
     weights) as for any per-rank layer. With tied embeddings and pp > 1 pass
     embedding_group=build_embedding_group(groups); the last stage's head is then broadcast from the first
-    stage's embedding (collective over the embedding group).
+    stage's embedding (collective over the embedding group). cp_group / ep_group (Groups.cp_group,
+    Groups.ep_group) go to every chunk: context-parallel attention, expert-parallel MoE layers.
     """
     pp, rank = groups.pp_size, groups.pp_rank
     ranges = stage_layer_ranges(config.num_layers, pp, vpp_size)[rank]
@@ -80,6 +85,8 @@ def build_stage_modules(
             layer_range=layer_range,
             pre_process=rank == 0 and v == 0,
             post_process=rank == pp - 1 and v == vpp_size - 1,
+            cp_group=cp_group,
+            ep_group=ep_group,
         )
         for v, layer_range in enumerate(ranges)
     ]
@@ -110,8 +117,10 @@ def allreduce_tied_embedding_grads(
     """Sum the tied embedding's gradient over the first and last stage (no-op elsewhere and at pp = 1).
 
     Reduces `param.main_grad` when present (DDP wrappers accumulate there), else `param.grad`. Call it
-    after backward of the step's last micro-batch and after the data-parallel all-reduce (sums commute),
-    before clipping and the optimizer step. Both ends must call it.
+    after backward of the step's last micro-batch and BEFORE the data-parallel reduction: with the
+    distributed optimizer the reduce-scatter leaves each rank the sum of its own chunk only, and the two
+    stages' buffers are laid out differently, so a sum after it would add unrelated partial sums. (With a
+    plain all-reduce either order is exact: sums commute.) Both ends must call it.
     """
     weight = tied_embedding_weight(model_chunks)
     if weight is None or embedding_group is None:

@@ -321,7 +321,8 @@ class Trainer:
         rows = [
             tok(p["prompt"] + p["answer"])["input_ids"] + [tok.eos_token_id] for p in self.data.eval_problems
         ]
-        width = max(map(len, rows))
+        # cp splits every row into 2 * cp chunks: pad to a multiple (padding is never attended nor scored).
+        width = round_up(max(map(len, rows)) - 1, 2 * self.cfg.parallel.cp) + 1
         ids = torch.full((len(rows), width), tok.pad_token_id or 0, dtype=torch.long)
         mask = torch.zeros(len(rows), width - 1)
         for i, r in enumerate(rows):
@@ -476,10 +477,12 @@ def validate_layout(cfg: PretrainConfig, config) -> ParallelDims:
     dims = _dims(cfg)
     validate_model_layout(dims, _LayoutView(config, par.vpp))
     cfg.train.grad_accum_steps(par.dp)
-    if par.cp > 1:
-        raise InputError("parallel.cp > 1 is not wired into rl pretrain yet (the core supports it in tests)")
-    if par.ep > 1:
-        raise InputError("parallel.ep > 1 is not wired into rl pretrain yet (the core supports it in tests)")
+    if cfg.data.seq_len % (2 * par.cp):
+        fits = cfg.data.seq_len // (2 * par.cp) * 2 * par.cp or 2 * par.cp
+        raise InputError(
+            f"data.seq_len={cfg.data.seq_len} is not divisible by 2 * parallel.cp = {2 * par.cp} (context "
+            f"parallelism splits every sequence into 2*cp chunks): set data.seq_len={fits} or change cp"
+        )
     return dims
 
 

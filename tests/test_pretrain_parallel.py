@@ -1,8 +1,16 @@
 """`rl pretrain` on several gloo ranks from the CLI: the loss curve of every layout matches the single-process
-run, and a run resumed at another layout (checkpoint resharding) continues it exactly."""
+run, and a run resumed at another layout (checkpoint resharding) continues it exactly.
+
+The model is a tiny Mixtral (2 experts, top-2) so that every layout also runs the MoE path (experts sharded
+over ep, reduced over expert-data-parallel). With top_k = num_experts every token reaches every expert, so
+the load-balancing loss is the constant E and its gradient vanishes: layouts that split tokens over ranks
+(dp, cp), where each rank balances its own tokens, still reproduce the single process exactly. Real top-k
+routing under ep is checked at gradient level in test_parallel_combos.py and test_expert_parallel.py.
+"""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +22,16 @@ from core.utils.metrics import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/pretrain_tiny.yaml"
 FAST = [
+    "model.arch=mixtral",
+    "model.num_experts=2",
+    "model.moe_top_k=2",
+    "model.moe_ffn_hidden_size=64",
     "model.hidden_size=64",
     "model.num_attention_heads=2",
     "model.num_kv_heads=2",
     "model.ffn_hidden_size=128",
     "model.num_layers=4",  # 2 chunks per stage at pp2 x vpp2
-    "data.seq_len=32",
+    "data.seq_len=32",  # divisible by 2 * cp
     "data.synthetic.n_train=1000",
     "data.synthetic.n_eval=20",
     "eval.num_problems=10",
@@ -31,8 +43,9 @@ FAST = [
     "train.progress_bar=false",
     "optim.warmup_steps=1",
 ]
-# fp32 on CPU: tp changes the summation order inside matmuls and reductions (~1e-7 relative), pp and dp
-# do not change any arithmetic; 1e-5 absolute on a loss of ~4 catches any wrong gradient within a step.
+# fp32 on CPU: tp and cp change the summation order inside matmuls and reductions (~1e-7 relative; cp runs
+# the masked attention kernel), pp and dp do not change any arithmetic; 1e-5 absolute on a loss of ~4
+# catches any wrong gradient within a step.
 TOL = 1e-5
 
 
@@ -62,12 +75,13 @@ def assert_same_curve(got: list[tuple[int, float]], want: list[tuple[int, float]
 @pytest.mark.parametrize(
     "layout",
     [
-        ["parallel.tp=2"],
+        # cp splits each sequence (load-balanced, evaluation rows padded to 2*cp); ep carved out of dp x cp.
+        ["parallel.cp=2", "parallel.ep=2"],
         ["parallel.pp=2", "parallel.vpp=2"],
         # 8 ranks on 2 cores: every axis at once, ZeRO-1 sharding over dp inside each (tp, pp) slice.
         ["parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.distributed_optimizer=true"],
     ],
-    ids=["tp2", "pp2-interleaved", "tp2-pp2-dp2-zero1"],
+    ids=["cp2-ep2", "pp2-interleaved", "tp2-pp2-dp2-zero1"],
 )
 def test_layout_matches_single_process(tmp_path, reference, layout):
     want = curve(reference)
@@ -100,3 +114,24 @@ def test_impossible_layout_exits_2(tmp_path):
     assert proc.returncode == 2
     assert "parallel.tp=4" in proc.stderr and "error:" in proc.stderr
     assert not (tmp_path / "r").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.cp=2", "data.seq_len=30"], "data.seq_len=30 is not divisible by 2 * parallel.cp = 4"),
+        (["parallel.dp=2", "parallel.ep=4"], "parallel.ep=4 must divide dp*cp=2"),
+        (["parallel.dp=4", "parallel.ep=4", "train.global_batch_size=32"], "num_experts=2 is not divisible"),
+        (["model.arch=llama", "model.num_experts=0", "parallel.dp=2", "parallel.ep=2"], "set ep=1"),
+    ],
+    ids=["cp-seq-len", "ep-dp-cp", "ep-experts", "ep-dense"],
+)
+def test_cp_ep_layout_errors_say_what_to_change(tmp_path, overrides, message):
+    """The checks rl pretrain runs before any rank starts (exit 2 with this message: see the test above)."""
+    from algorithms.pretrain import PretrainConfig, transformer_config_for, validate_layout
+    from core.errors import InputError
+    from rl.config import load_config
+
+    cfg = load_config(PretrainConfig, TINY, [*FAST, f"run.dir={tmp_path}", *overrides])
+    with pytest.raises(InputError, match=re.escape(message)):
+        validate_layout(cfg, transformer_config_for(cfg, 64))

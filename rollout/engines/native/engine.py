@@ -40,6 +40,7 @@ import os
 import random
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -202,11 +203,17 @@ class NativeEngine(GenerationEngine):
         waiting = deque(self._samples_of(requests))
         running: dict[int, SampleState] = {}  # slot -> sample
         self._slots = SlotAllocator(self._max_num_seqs)
+        in_flight: _InFlight | None = None
         while (waiting or running) and not cancelled():
             if waiting and self._slots.num_free:
+                in_flight = self._finish(in_flight, running, results)
                 self._prefill(self._admit(waiting, running), running, results)
-            if running:
-                self._decode_step(running, results)
+            # One step ahead: the next decode is queued on the device before the previous step's tokens
+            # are read back, so the host's bookkeeping overlaps the GPU's work.
+            launched = self._launch_decode(running, in_flight) if running else None
+            self._finish(in_flight, running, results)
+            in_flight = launched
+        self._finish(in_flight, running, results)
 
     def _samples_of(self, requests: list[GenerationRequest]) -> list[SampleState]:
         out = []
@@ -264,19 +271,46 @@ class NativeEngine(GenerationEngine):
         slots = [s.slot for s in admitted]
         self._sample_and_record(logits, slots, [0] * len(admitted), admitted, running, results)
 
-    def _decode_step(self, running: dict[int, SampleState], results: RequestResults) -> None:
-        """One token for every running sample: a decode over slots [0, max running slot]."""
-        slots = sorted(running)
+    def _launch_decode(
+        self, running: dict[int, SampleState], in_flight: _InFlight | None
+    ) -> _InFlight | None:
+        """Queue one decode step for every running sample, assuming the in-flight step's samples have one
+        more token (theirs, not read yet). Samples that surely finish with that token are left out; a
+        sample that stops on it decodes one wasted token, which _finish drops. No host sync."""
+        pending = in_flight.slots_set if in_flight is not None else frozenset()
+        slots, positions, steps = [], [], []
+        for slot in sorted(running):
+            state = running[slot]
+            ahead = 1 if slot in pending else 0
+            if len(state.tokens) + ahead >= state.params.max_tokens:
+                continue
+            slots.append(slot)
+            positions.append(state.next_position + ahead)
+            steps.append(len(state.tokens) + ahead)
+        if not slots:
+            return None
         num_rows = slots[-1] + 1
-        positions = [0] * num_rows  # free slots in between decode a dummy token at position 0
-        steps = [0] * num_rows
-        for slot in slots:
-            positions[slot] = running[slot].next_position
-            steps[slot] = len(running[slot].tokens)
-        logits_local = self._decode_logits(positions, max(positions) + 1)[:num_rows]  # (b, V/tp)
+        row_positions = [0] * num_rows  # free slots in between decode a dummy token at position 0
+        for slot, position in zip(slots, positions, strict=True):
+            row_positions[slot] = position
+        logits_local = self._decode_logits(row_positions, max(row_positions) + 1)[:num_rows]  # (b, V/tp)
         logits = full_vocab_logits(logits_local, self._tp_group).index_select(0, self._device_tensor(slots))
+        tokens, logprobs = self._sample(logits, slots, steps)
         samples = [running[slot] for slot in slots]
-        self._sample_and_record(logits, slots, [steps[s] for s in slots], samples, running, results)
+        return _InFlight(
+            samples, frozenset(slots), _to_host_async(torch.stack([tokens.double(), logprobs.double()]))
+        )
+
+    def _finish(
+        self, in_flight: _InFlight | None, running: dict[int, SampleState], results: RequestResults
+    ) -> None:
+        """Read an in-flight step's tokens back (the sync) and record them; always returns None."""
+        if in_flight is None:
+            return None
+        host = in_flight.wait()
+        live = [(i, s) for i, s in enumerate(in_flight.samples) if running.get(s.slot) is s]
+        self._record(host[:, [i for i, _ in live]], [s for _, s in live], running, results)
+        return None
 
     def _decode_logits(self, positions: list[int], kv_len: int) -> torch.Tensor:
         """Vocab-local logits (>= len(positions) rows) of the decode step; graphs pad to their buckets."""
@@ -287,17 +321,11 @@ class NativeEngine(GenerationEngine):
         padded = positions + [0] * (rows - len(positions))
         return self._graphs.decode(self._device_tensor(padded), kv_len)
 
-    def _sample_and_record(
-        self,
-        logits: torch.Tensor,
-        slots: list[int],
-        steps: list[int],
-        samples: list[SampleState],
-        running: dict[int, SampleState],
-        results: RequestResults,
-    ) -> None:
-        """logits (S, V) of the samples in `slots` -> their next tokens, stored on the device as the next
-        inputs and read back once (the step's only host sync); finished samples leave their slots."""
+    def _sample(
+        self, logits: torch.Tensor, slots: list[int], steps: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits (S, V) of the samples in `slots` -> their next tokens (S,) and raw logprobs (S,), on the
+        device; the tokens are also stored as the slots' next decode inputs."""
         slot_index = self._device_tensor(slots)
         tokens, logprobs = sample(
             logits,
@@ -307,7 +335,28 @@ class NativeEngine(GenerationEngine):
             any_random=self._sampling.any_random(slots),
         )
         self._next_tokens.index_copy_(0, slot_index, tokens)
-        host = torch.stack([tokens.double(), logprobs.double()]).cpu()  # (2, S)
+        return tokens, logprobs
+
+    def _sample_and_record(
+        self,
+        logits: torch.Tensor,
+        slots: list[int],
+        steps: list[int],
+        samples: list[SampleState],
+        running: dict[int, SampleState],
+        results: RequestResults,
+    ) -> None:
+        tokens, logprobs = self._sample(logits, slots, steps)
+        self._record(torch.stack([tokens.double(), logprobs.double()]).cpu(), samples, running, results)
+
+    def _record(
+        self,
+        host: torch.Tensor,
+        samples: list[SampleState],
+        running: dict[int, SampleState],
+        results: RequestResults,
+    ) -> None:
+        """host (2, S) tokens and logprobs of `samples`: append them; finished samples leave their slots."""
         for state, token, logprob in zip(samples, host[0].long().tolist(), host[1].tolist(), strict=True):
             state.tokens.append(token)
             state.logprobs.append(logprob)
@@ -359,7 +408,35 @@ class NativeEngine(GenerationEngine):
             self._graphs = CudaGraphDecoder(self._runner, self._next_tokens)
 
     def _device_tensor(self, values: list[Any]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64).to(self._next_tokens.device, non_blocking=True)
+        device = self._next_tokens.device
+        host = torch.tensor(values, dtype=torch.int64, pin_memory=device.type == "cuda")
+        return host.to(device, non_blocking=True)  # pinned: the copy queues behind the step, no sync
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """A queued decode step whose sampled tokens are still on their way to the host."""
+
+    samples: list[SampleState]
+    slots_set: frozenset[int]
+    host: tuple[torch.Tensor, torch.cuda.Event | None]  # (2, S) tokens/logprobs, and the copy's event
+
+    def wait(self) -> torch.Tensor:
+        tensor, event = self.host
+        if event is not None:
+            event.synchronize()
+        return tensor
+
+
+def _to_host_async(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying x to (pinned) host memory; the event marks the copy done. On CPU: x itself."""
+    if x.device.type != "cuda":
+        return x, None
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 # ---- construction helpers --------------------------------------------------------------------

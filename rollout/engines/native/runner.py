@@ -23,6 +23,7 @@ from core.parallel.collectives import all_gather_along_dim
 from core.transformer.attention import RopeCache, build_attention_mask
 from core.transformer.model import GPTModel, TransformerLayer
 from core.transformer.rope import rope_cos_sin, rope_inv_freq
+from rollout.engines.native import decode_attention as flash_decode
 from rollout.engines.native.kv_cache import KVCache
 
 
@@ -85,6 +86,15 @@ class ModelRunner:
         if config.position_embedding == "rope":
             inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
             self.inv_freq = inv_freq.to(cache.k[next(iter(cache.k))].device)  # on device: graph-safe
+        device = cache.k[next(iter(cache.k))].device
+        # Exact-length split-K kernel on CUDA (reads each row's own keys); masked SDPA elsewhere.
+        self.use_flash_decode = flash_decode.available(device) and _is_power_of_two(config.head_dim)
+        if self.use_flash_decode:
+            # Small elementwise ops (norms, RoPE, SiLU, residuals, the split combine) dominate a decode step
+            # once attention reads only what it needs; Inductor fuses them. Modules are graph inputs
+            # (inlined nn modules), so one compiled graph serves every layer.
+            self._pre = torch.compile(_before_attention)
+            self._post = torch.compile(_after_split_attention)
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> RopeCache | None:
         if self.inv_freq is None:
@@ -131,6 +141,11 @@ class ModelRunner:
         pos = positions[:, None]  # (b, 1)
         x = self.model.embedding(tokens[:, None], pos)  # (b, 1, H)
         rope = self._rope(pos, x.dtype)
+        if self.use_flash_decode:
+            lengths = positions + 1  # (b,) keys of each row
+            for key, layer in self.model.layers.items():
+                x = self._decode_layer_fast(key, layer, x, rope, lengths, positions, kv_len)
+            return self._head(x[:, 0])
         mask = decode_mask(positions, kv_len, self.sliding_window)  # (b, 1, 1, L)
         for key, layer in self.model.layers.items():
             x = self._decode_layer(key, layer, x, rope, mask, positions, kv_len)
@@ -151,8 +166,48 @@ class ModelRunner:
         self.cache.write_token(key, positions, k, v)
         k_all, v_all = self.cache.view(key, x.shape[0], kv_len)  # (b, n_kv, L, d)
         out = single_query_attention(q, k_all, v_all, mask, attn.group_size)  # (b, n_heads, 1, d)
-        x = x + attn.linear_proj(_merge_heads(out))
-        return x + layer.mlp(layer.pre_mlp_norm(x))
+        return _after_attention(layer, x, out)
+
+    def _decode_layer_fast(
+        self,
+        key: str,
+        layer: TransformerLayer,
+        x: torch.Tensor,
+        rope: RopeCache | None,
+        lengths: torch.Tensor,
+        positions: torch.Tensor,
+        kv_len: int,
+    ) -> torch.Tensor:
+        """CUDA: compiled norm/QKV/RoPE, the split-K kernel on exact lengths, compiled combine/proj/MLP."""
+        q, k, v = self._pre(layer, x, rope)  # (b, n_heads, 1, d), (b, n_kv, 1, d) x2
+        self.cache.write_token(key, positions, k, v)
+        part, lse = flash_decode.split_attention(
+            q[:, :, 0], self.cache.k[key], self.cache.v[key], lengths, kv_len, self.sliding_window
+        )
+        return self._post(layer, x, part, lse)
+
+
+def _before_attention(
+    layer: TransformerLayer, x: torch.Tensor, rope: RopeCache | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layer.self_attention.project_qkv(layer.input_norm(x), rope)
+
+
+def _after_attention(layer: TransformerLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """x (b, 1, H), attention out (b, n_heads, 1, d) -> the layer's output (b, 1, H)."""
+    x = x + layer.self_attention.linear_proj(_merge_heads(out))
+    return x + layer.mlp(layer.pre_mlp_norm(x))
+
+
+def _after_split_attention(
+    layer: TransformerLayer, x: torch.Tensor, part: torch.Tensor, lse: torch.Tensor
+) -> torch.Tensor:
+    out = flash_decode.combine_splits(part, lse).to(x.dtype)  # (b, n_heads, d)
+    return _after_attention(layer, x, out[:, :, None])
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 def check_runnable(model: GPTModel) -> None:

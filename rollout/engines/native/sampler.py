@@ -160,5 +160,6 @@ def sample(
             scaled = filter_top_k_top_p(scaled, rows.top_k, rows.top_p)
         gumbel = -torch.log(-torch.log(uniform_noise(rows.keys, steps, logits.shape[-1])))
         tokens = torch.where(greedy, tokens, (scaled + gumbel).argmax(dim=-1))
-    logprobs = logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)  # (S,)
+    # log_softmax at one token, without writing the (S, V) log-probabilities
+    logprobs = logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)  # (S,)
     return tokens, logprobs

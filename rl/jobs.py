@@ -40,7 +40,10 @@ from rl.config import load_config
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # where `ray start --head` serves its dashboard
 # Training commands and their config schemas: a new training command (grpo, sft, ...) registers here.
-TRAINING_SCHEMAS = {"pretrain": "algorithms.pretrain:PretrainConfig"}
+TRAINING_SCHEMAS = {
+    "pretrain": "algorithms.pretrain:PretrainConfig",
+    "grpo": "algorithms.grpo:GRPOConfig",
+}
 # Never uploaded (gitwildmatch patterns, as Ray's runtime_env "excludes"): environments, wheels, caches,
 # run directories, VCS data. Ray also honours .gitignore and .rayignore files.
 EXCLUDES = [
@@ -313,8 +316,9 @@ def job_info(client, job_id: str):
         raise
 
 
-def stream_logs(client, job_id: str, out: TextIO = sys.stdout) -> None:
-    """Writes the job's output as it comes until the job ends (returns at once for an ended job)."""
+def stream_logs(client, job_id: str, out: TextIO | None = None) -> None:
+    """Writes the job's output (to stdout by default) as it comes until the job ends."""
+    out = out or sys.stdout
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
@@ -322,7 +326,10 @@ def stream_logs(client, job_id: str, out: TextIO = sys.stdout) -> None:
             out.flush()
 
     job_info(client, job_id)
-    asyncio.run(tail())
+    try:
+        asyncio.run(tail())
+    except RuntimeError as e:  # the websocket closed abnormally (dashboard restart, network)
+        print(f"log stream from the cluster broke ({str(e).splitlines()[0]})", file=sys.stderr)
 
 
 def wait(client, job_id: str, timeout_s: float | None = None, poll_s: float = 1.0) -> str:

@@ -1,17 +1,20 @@
-"""`rl submit` / `rl job` against real Ray heads (`ray start --head`, one with token authentication, as Ray
-starts by default, one with it disabled), both started at once per module on 127.0.0.1 with their own ports
-and temp dirs so they never meet another test's Ray. Each head is stopped by signalling its own
-`ray start --block` process (never `ray stop`, which would stop every Ray cluster on the machine)."""
+"""`rl submit` / `rl job` against a real Ray head (`ray start --head`, auth disabled), started once per module
+on 127.0.0.1 with its own ports and temp dir so it never meets another test's Ray, and stopped by signalling
+its own `ray start --block` process (never `ray stop`, which stops every Ray cluster on the machine).
+Token authentication is tested against a stand-in dashboard that answers as Ray's does (401 without a
+token, 403 with a wrong one)."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -44,7 +47,7 @@ TINY = [
     "train.save_every=0",
     "optim.warmup_steps=1",
 ]
-START_TIMEOUT_S = 150
+START_TIMEOUT_S = 300
 JOB_TIMEOUT_S = 240
 AUTH_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
 
@@ -56,11 +59,10 @@ def free_port() -> int:
 
 
 class Head:
-    """One `ray start --head --block` in its own session; its dashboard at `address`."""
+    """One `ray start --head --block` (auth disabled) in its own session; its dashboard at `address`."""
 
-    def __init__(self, auth_mode: str, worker_port_base: int) -> None:
-        self.token = secrets.token_hex(16) if auth_mode == "token" else None
-        self.temp_dir = tempfile.mkdtemp(prefix="rljob", dir="/tmp")  # short: Ray's socket paths are capped
+    def __init__(self, worker_port_base: int) -> None:
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rljob", dir="/tmp"))  # short: socket paths are capped
         ports = {
             name: free_port()
             for name in (
@@ -76,7 +78,7 @@ class Head:
             )
         }
         self.address = f"http://127.0.0.1:{ports['dashboard-port']}"
-        cmd = [
+        self.cmd = [
             str(Path(sys.executable).parent / "ray"),
             "start",
             "--head",
@@ -91,27 +93,33 @@ class Head:
             f"--max-worker-port={worker_port_base + 49}",
             *(f"--{name}={port}" for name, port in ports.items()),
         ]
-        env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV}
-        env |= {"RAY_AUTH_MODE": auth_mode, "HOME": self.temp_dir, "OMP_NUM_THREADS": "1"}
-        if self.token:
-            env["RAY_AUTH_TOKEN"] = self.token
-        self.log = open(Path(self.temp_dir) / "ray_start.log", "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        self.env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV}
+        self.env |= {"RAY_AUTH_MODE": "disabled", "HOME": str(self.temp_dir), "OMP_NUM_THREADS": "1"}
+        self.proc: subprocess.Popen | None = None
 
-    def wait_ready(self, deadline: float) -> None:
-        while True:
-            assert self.proc.poll() is None, (Path(self.temp_dir) / "ray_start.log").read_text()[-3000:]
-            try:
-                requests.get(f"{self.address}/api/version", timeout=2)  # 401 on the token head: it is up
-                return
-            except requests.RequestException:
-                assert time.monotonic() < deadline, f"Ray head at {self.address} did not come up"
+    def start(self, deadline: float, attempts: int = 3) -> None:
+        """On an overloaded machine the raylet may give up waiting for its dashboard agent (15 s, fixed in
+        Ray) and the start fails with "timed out during startup": then it is tried again."""
+        for attempt in range(1, attempts + 1):
+            log = self.temp_dir / f"ray_start_{attempt}.log"
+            with open(log, "w") as out:
+                self.proc = subprocess.Popen(
+                    self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            while self.proc.poll() is None and "Ray runtime started." not in log.read_text():
+                assert time.monotonic() < deadline, f"Ray head did not start in time: {log}"
                 time.sleep(0.5)
+            if self.proc.poll() is None:
+                requests.get(f"{self.address}/api/version", timeout=30)  # 401 on the token head: it is up
+                return
+            self.stop()
+            text = log.read_text()
+            assert "timed out during startup" in text and attempt < attempts, text[-3000:]
 
     def stop(self) -> None:
         """SIGTERM makes `ray start --block` stop its own cluster; its process group is killed after."""
+        if self.proc is None:
+            return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -119,25 +127,22 @@ class Head:
             except subprocess.TimeoutExpired:
                 pass
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of this cluster is left: its own group
         except ProcessLookupError:
             pass
         self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
-def heads():
-    base = 20000 + (os.getpid() % 80) * 100
-    started = {"token": Head("token", base), "disabled": Head("disabled", base + 50)}
+def head():
+    """A cluster started with auth disabled. (A second head with token auth costs 1-3 minutes more on
+    an overloaded 2-core machine; token handling is tested against a stand-in dashboard below.)"""
+    started = Head(20000 + (os.getpid() % 80) * 100)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        for head in started.values():
-            head.wait_ready(deadline)
+        started.start(time.monotonic() + START_TIMEOUT_S)
         yield started
     finally:
-        for head in started.values():
-            head.stop()
+        started.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -163,9 +168,7 @@ def job_ids(capsys, address: str) -> list[str]:
 # ---- against the clusters -------------------------------------------------------------------------
 
 
-def test_submit_tiny_pretrain_runs_to_completion_on_token_cluster(heads, capsys, monkeypatch, tmp_path):
-    head = heads["token"]
-    monkeypatch.setenv("RAY_AUTH_TOKEN", head.token)
+def test_submit_tiny_pretrain_runs_to_completion(head, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # a relative run.dir lands here, as `rl pretrain` would put it
     code, out, err = rl(
         capsys, "submit", "--address", head.address, "--name", "tiny", "pretrain", TINY_CONFIG, *TINY,
@@ -187,19 +190,7 @@ def test_submit_tiny_pretrain_runs_to_completion_on_token_cluster(heads, capsys,
     assert code == 0 and "loss=" in out
 
 
-def test_token_cluster_refuses_a_missing_or_wrong_token(heads, capsys):
-    head = heads["token"]
-    code, out, err = rl(capsys, "submit", "--address", head.address, "pretrain", TINY_CONFIG, *TINY)
-    assert code == 2 and out == ""
-    assert err.startswith("error: ") and err.count("\n") == 1 and "requires token authentication" in err
-    code, _, err = rl(capsys, "job", "list", "--address", head.address, "--auth-token", "not-the-token")
-    assert code == 2 and "rejected the token from --auth-token" in err
-    code, out, _ = rl(capsys, "job", "list", "--address", head.address, "--auth-token", head.token)
-    assert code == 0 and out.startswith("JOB ID")
-
-
-def test_stop_a_running_job(heads, capsys, tmp_path):
-    head = heads["disabled"]  # no token needed: a cluster started with auth disabled
+def test_stop_a_running_job(head, capsys, tmp_path):
     code, out, err = rl(
         capsys, "submit", "--no-wait", "--address", head.address, "pretrain", TINY_CONFIG, *TINY,
         "train.max_steps=100000", f"run.dir={tmp_path / 'long'}",
@@ -217,8 +208,7 @@ def test_stop_a_running_job(heads, capsys, tmp_path):
     assert jobs.job_info(client, job_id).status.value == "STOPPED"
 
 
-def test_bad_input_sends_nothing(heads, capsys):
-    head = heads["disabled"]
+def test_bad_input_sends_nothing(head, capsys):
     before = job_ids(capsys, head.address)
     code, out, err = rl(
         capsys, "submit", "--address", head.address, "pretrain", TINY_CONFIG, "train.max_stepz=6"
@@ -233,6 +223,51 @@ def test_bad_input_sends_nothing(heads, capsys):
 
 
 # ---- without a cluster ------------------------------------------------------------------------------
+
+
+class TokenDashboard(http.server.BaseHTTPRequestHandler):
+    """Answers /api/version as a Ray 2.60 dashboard with token auth does (see Ray's
+    http_token_authentication.py): 401 without an Authorization header, 403 with a wrong token."""
+
+    token = "right-token"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        auth = self.headers.get("Authorization")
+        status = 401 if not auth else 403 if auth != f"Bearer {self.token}" else 200
+        body = json.dumps({"ray_version": "2.60.0", "version": "4"}).encode() if status == 200 else b"denied"
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def token_dashboard():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TokenDashboard)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_token_auth_missing_wrong_and_right(token_dashboard, capsys, monkeypatch, tmp_path):
+    code, out, err = rl(capsys, "job", "list", "--address", token_dashboard)
+    assert (code, out) == (2, "") and err.count("\n") == 1
+    assert err.startswith(f"error: Ray cluster at {token_dashboard} requires token authentication")
+    code, _, err = rl(capsys, "job", "list", "--address", token_dashboard, "--auth-token", "wrong")
+    assert code == 2 and "rejected the token from --auth-token" in err
+    # the right token, from each place Ray keeps it: the client gets past the version handshake
+    assert jobs.connect(token_dashboard, "right-token").get_address() == token_dashboard
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "right-token")
+    assert jobs.connect(token_dashboard).get_address() == token_dashboard
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    (tmp_path / "home/.ray").mkdir(parents=True)
+    (tmp_path / "home/.ray/auth_token").write_text("right-token\n")
+    assert jobs.connect(token_dashboard).get_address() == token_dashboard
 
 
 @pytest.mark.parametrize("argv", [["submit", "pretrain", TINY_CONFIG], ["job", "status", "raysubmit_x"]])

@@ -90,10 +90,10 @@ def run(args: argparse.Namespace) -> int:
         return _submit(args, spec, address, follow=not args.no_wait)
     _note(f"no cluster at {jobs.DEFAULT_ADDRESS}: starting a local Ray for this job")
     with jobs.local_cluster() as local_address:
-        return _submit(args, spec, local_address, follow=True, again="")
+        return _submit(args, spec, local_address, follow=True, local_ray=True)
 
 
-def _submit(args: argparse.Namespace, spec, address: str, *, follow: bool, again: str | None = None) -> int:
+def _submit(args: argparse.Namespace, spec, address: str, *, follow: bool, local_ray: bool = False) -> int:
     from rl import jobs
 
     client = jobs.connect(address, args.auth_token)
@@ -103,14 +103,17 @@ def _submit(args: argparse.Namespace, spec, address: str, *, follow: bool, again
     print(job_id, flush=True)
     _note(f"submitted `rl {spec.command}` to {address} as job {job_id}")
     _note(spec.run_dir_note)
-    flags = f" --address {address}" if again is None else again
+    flags = f" --address {address}"
     if not follow:
         _note(f"follow: rl job logs {job_id} --follow{flags}; stop: rl job stop {job_id}{flags}")
         return 0
     try:
         jobs.stream_logs(client, job_id)
     except KeyboardInterrupt:
-        _note(f"stopped following; the job goes on (rl job stop {job_id}{flags})")
+        if local_ray:
+            _note("stopped: the local Ray stops, and the job with it")
+        else:
+            _note(f"stopped following; the job goes on (rl job stop {job_id}{flags})")
         return 130
     status = jobs.wait(client, job_id)
     _note(f"job {job_id} {status}")

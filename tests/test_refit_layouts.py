@@ -1,8 +1,9 @@
 """Refit from training layouts: sharded GPTModel -> full HF tensors -> generation engines.
 
-(a) tp2 and pp2 gloo worlds stream exactly (bitwise) the HF state dict that `save_hf` writes for the
-    full model: gathering shards is concatenation and the bridge only reshapes/splits, so no rounding
-    is allowed anywhere. In the same world, `recompute_logprobs` on the tp2 model (vocab-sharded
+(a) tp2, pp2 and ep2 (a Mixtral-preset MoE) gloo layouts, and tp2 x ep2 on 4 ranks, stream exactly
+    (bitwise) the HF state dict that `save_hf` writes for the full model: gathering shards is
+    concatenation and the bridge only reshapes/splits (experts: stacked -> per-expert w1/w2/w3), so
+    no rounding is allowed anywhere. In the same world, `recompute_logprobs` on the tp2 model (vocab-sharded
     logits, no full-logit gather) matches the single-process model at 1e-5 (TP splits matmul sums).
 (b) A tp1 training model refits a native engine and an in-process vLLM engine that were built from a
     DIFFERENT random model. Afterwards greedy outputs equal HF generate of the training model, and the
@@ -53,12 +54,25 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 # ---- (a) sharded layouts stream the full model's HF tensors bitwise --------------------------
 
 
-def _layouts_worker(rank: int, world_size: int, dirs: list[str]) -> dict[str, Any]:
+def _moe_stream(rank: int, dims: Any, moe_dir: str) -> dict[str, torch.Tensor]:
+    """The gathered HF stream of the MoE checkpoint loaded into layout `dims` (every rank gets it)."""
+    from core.engine import load_full_weights
+    from core.parallel import build_groups
+
+    groups = build_groups(dims, rank)
+    full = load_hf(moe_dir)
+    model = GPTModel(full.config, tp_group=groups.tp_group, ep_group=groups.ep_group)
+    load_full_weights([model], full.state_dict(), groups)
+    assert model.layers["0"].mlp.experts.w_down.shape[0] == full.config.num_experts // dims.ep
+    return {n: t.clone() for n, t in training_weights_to_hf([model], groups, full.config)}
+
+
+def _layouts_worker(rank: int, world_size: int, dirs: list[str], moe_dir: str) -> dict[str, Any]:
     from core.engine import load_full_weights
     from core.parallel import ParallelDims, build_groups
     from rollout.refit import gather_to_rank0_over_pp
 
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"ep2": _moe_stream(rank, ParallelDims(ep=2, world_size=world_size), moe_dir)}
     tp = build_groups(ParallelDims(tp=2, world_size=world_size), rank)
     pp = build_groups(ParallelDims(pp=2, world_size=world_size), rank)
     for hf_dir in dirs:
@@ -77,7 +91,25 @@ def _layouts_worker(rank: int, world_size: int, dirs: list[str]) -> dict[str, An
     return out
 
 
-def test_tp2_and_pp2_stream_the_saved_hf_state_dict_bitwise(checkpoints, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from core.models import preset
+
+    torch.manual_seed(4)
+    path = tmp_path_factory.mktemp("tiny_mixtral")
+    save_hf(GPTModel(preset("mixtral_tiny")), path)
+    return path
+
+
+def _assert_same_state_dict(
+    got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str
+) -> None:
+    assert sorted(got) == sorted(expected), what
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), (what, name)
+
+
+def test_tp2_pp2_and_ep2_stream_the_saved_hf_state_dict_bitwise(checkpoints, moe_dir, tmp_path) -> None:
     untied = load_hf(checkpoints[0])
     torch.manual_seed(3)
     tied = GPTModel(dataclasses.replace(untied.config, tie_embeddings=True))
@@ -85,20 +117,36 @@ def test_tp2_and_pp2_stream_the_saved_hf_state_dict_bitwise(checkpoints, tmp_pat
     for name, model in (("untied", untied), ("tied", tied)):
         save_hf(model, tmp_path / name)
         dirs.append(str(tmp_path / name))
-    results = run_distributed(_layouts_worker, 2, dirs, timeout=240)
+    results = run_distributed(_layouts_worker, 2, dirs, str(moe_dir), timeout=240)
+    moe_expected = load_file(moe_dir / "model.safetensors")
+    assert any(".experts.3." in n for n in moe_expected)  # per-expert HF tensors, all 4 experts
+    for rank in (0, 1):
+        _assert_same_state_dict(results[rank]["ep2"], moe_expected, f"ep2 rank {rank}")
     for hf_dir in dirs:
         expected = load_file(Path(hf_dir) / "model.safetensors")
         for layout, ranks in (("tp2", (0, 1)), ("pp2", (0,))):
             for rank in ranks:
-                got = results[rank][f"{layout}:{hf_dir}"]
-                assert sorted(got) == sorted(expected), (layout, rank, hf_dir)
-                for name, tensor in expected.items():
-                    assert torch.equal(got[name], tensor), (layout, rank, name)
+                _assert_same_state_dict(
+                    results[rank][f"{layout}:{hf_dir}"], expected, f"{layout} rank {rank}"
+                )
         assert results[1][f"pp2:{hf_dir}"] == {}  # later stages send, pp rank 0 yields
         reference = recompute_logprobs(load_hf(hf_dir), SEQUENCES)
         for rank in (0, 1):
             for got, want in zip(results[rank][f"logprobs:{hf_dir}"], reference, strict=True):
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _tp2_ep2_worker(rank: int, world_size: int, moe_dir: str) -> dict[str, torch.Tensor]:
+    from core.parallel import ParallelDims
+
+    return _moe_stream(rank, ParallelDims(tp=2, ep=2, world_size=world_size), moe_dir)
+
+
+def test_tp2_x_ep2_streams_the_saved_moe_state_dict_bitwise(moe_dir) -> None:
+    results = run_distributed(_tp2_ep2_worker, 4, str(moe_dir), timeout=240)
+    expected = load_file(moe_dir / "model.safetensors")
+    for rank, got in enumerate(results):
+        _assert_same_state_dict(got, expected, f"tp2 x ep2 rank {rank}")
 
 
 # ---- (b) refit into engines built from another model -----------------------------------------

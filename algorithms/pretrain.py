@@ -34,6 +34,7 @@ from core.config import (
     dump_config,
 )
 from core.data.pretrain_dataset import PretrainBatches
+from core.distributed import DynamicGradScaler
 from core.engine import ModelEngine
 from core.errors import InputError
 from core.parallel.dims import Groups, ParallelDims, build_groups, validate_model_layout
@@ -87,6 +88,15 @@ class EvalConfig(Schema):
     num_problems: int = Field(200, ge=1, description="held-out arithmetic problems scored at each evaluation")
 
 
+class PretrainPrecision(PrecisionConfig):
+    """precision.dtype plus the dynamic loss scaler that fp16 parameters need (ignored otherwise)."""
+
+    initial_loss_scale: float = Field(2.0**16, gt=0, description="fp16: the loss scale to start from")
+    loss_scale_window: int = Field(
+        1000, ge=1, description="fp16: consecutive steps without overflow before the scale doubles"
+    )
+
+
 class PretrainConfig(Schema):
     run: RunConfig = Field(default_factory=RunConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -95,14 +105,14 @@ class PretrainConfig(Schema):
     data: DataConfig = Field(default_factory=lambda: DataConfig(synthetic=SyntheticConfig()))
     eval: EvalConfig = Field(default_factory=EvalConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
+    precision: PretrainPrecision = Field(default_factory=PretrainPrecision)
 
 
-@dataclass
 @dataclass
 class TrainerState:
     step: int = 0
     tokens_seen: int = 0
+    skipped_steps: int = 0  # fp16: steps whose gradients overflowed (no update, the loss scale backed off)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -117,14 +127,19 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def param_dtype(precision: PrecisionConfig, device: torch.device) -> torch.dtype:
     """Parameter dtype: bf16 (with fp32 master weights and main grads) where the device supports it, else
-    fp32 (CPU default). fp16 is refused until the dynamic loss scaler is wired into this loop."""
+    fp32 (CPU default). fp16 needs a loss scaler in the caller's loop: refused here (rl pretrain's Trainer
+    handles fp16 itself)."""
     if precision.dtype == "fp16":
-        raise InputError("precision.dtype=fp16 is not supported by rl pretrain yet: use bf16 or fp32")
+        raise InputError("precision.dtype=fp16 is not supported by this command yet: use bf16 or fp32")
     if precision.dtype == "bf16" or (
         precision.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     ):
         return torch.bfloat16
     return torch.float32
+
+
+def build_grad_scaler(precision: PretrainPrecision) -> DynamicGradScaler:
+    return DynamicGradScaler(precision.initial_loss_scale, growth_interval=precision.loss_scale_window)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -266,6 +281,8 @@ class Trainer:
         self.data = prepare_data(cfg, self.run_dir)
         full = build_full_model(cfg, len(self.data.tokenizer))
         self.config = full.config
+        fp16 = cfg.precision.dtype == "fp16"
+        dtype = torch.float16 if fp16 else param_dtype(cfg.precision, self.device)
         self.engine = ModelEngine(
             self.config,
             cfg.parallel,
@@ -273,7 +290,8 @@ class Trainer:
             groups,
             self.device,
             full.state_dict(),
-            param_dtype(cfg.precision, self.device),
+            dtype,
+            grad_scaler=build_grad_scaler(cfg.precision) if fp16 else None,
         )
         del full
         self.scheduler = build_scheduler(self.engine.optimizer, cfg.train.max_steps, cfg.optim)
@@ -305,14 +323,21 @@ class Trainer:
         result = self.engine.train_step(
             micro_batches, next_token_loss(self.tp_group, n_tokens.float()), self.cfg.optim.clip_grad
         )
+        # An fp16 step skipped on overflow still advances the LR schedule: the LR stays a function of the
+        # step (what a resume recomputes).
         self.scheduler.step()
         self.state.step += 1
         self.state.tokens_seen += int(n_tokens)
-        return {
-            "train/loss": result.loss / float(n_tokens),
-            "train/grad_norm": result.grad_norm,
-            "train/lr": lr,
-        }
+        metrics = {"train/loss": result.loss / float(n_tokens), "train/lr": lr}
+        if "loss_scale" in result.metrics:
+            self.state.skipped_steps += int(result.metrics["skipped"])
+            metrics |= {
+                "train/loss_scale": result.metrics["loss_scale"],
+                "train/skipped_steps": self.state.skipped_steps,
+            }
+        if not result.metrics.get("skipped"):  # an overflowed step has no finite gradient norm
+            metrics["train/grad_norm"] = result.grad_norm
+        return metrics
 
     def eval_micro_batches(self) -> list[dict[str, torch.Tensor]]:
         """The held-out problems' full texts, right-padded (loss_mask 0 on padding, which causal attention
@@ -387,6 +412,8 @@ class Trainer:
             **dataclasses.asdict(self.state),
             "data": self.batches.state_dict(),
         }
+        if self.engine.grad_scaler is not None:
+            trainer_state["grad_scaler"] = self.engine.grad_scaler.state_dict()
         save_checkpoint(
             self.run_dir / "checkpoints",
             self.state.step,
@@ -414,8 +441,17 @@ class Trainer:
         self.scheduler._last_lr = [lr for _ in self.engine.optimizer.param_groups]
         if "rng" in trainer_state:
             set_rng_state(trainer_state["rng"])
-        self.state = TrainerState(**{f.name: trainer_state[f.name] for f in dataclasses.fields(TrainerState)})
+        # Fields added later (skipped_steps) take their default when an older checkpoint lacks them.
+        self.state = TrainerState(
+            **{
+                f.name: trainer_state[f.name]
+                for f in dataclasses.fields(TrainerState)
+                if f.name in trainer_state
+            }
+        )
         self.batches.load_state_dict(trainer_state["data"])
+        if self.engine.grad_scaler is not None and "grad_scaler" in trainer_state:
+            self.engine.grad_scaler.load_state_dict(trainer_state["grad_scaler"])
 
     def export(self) -> Path | None:
         """hf/ on rank 0: the whole model as a Hugging Face checkpoint, written under a temporary name."""

@@ -180,6 +180,16 @@ def test_save_and_load_resume_the_step_exactly(hf_dir: Path, tmp_path: Path) -> 
         assert torch.equal(w, full_weights(second)[name]), name
 
 
+def test_hf_weights_are_the_checkpoint_bitwise(hf_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    expected = load_file(hf_dir / "model.safetensors")
+    got = full_weights(PolicyModel.from_pretrained(hf_dir))
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
 def test_config_errors(hf_dir: Path) -> None:
     assert typing.get_args(AggMode) == AGG_MODES
     with pytest.raises(ValueError, match="did you mean 'ppo_clip'"):  # pydantic's ValidationError

@@ -39,6 +39,7 @@ _PRELOAD = [
     "pytest",
     "core.parallel",
     "core.tensor_parallel",
+    "core.engine",  # torch.distributed.checkpoint and the model: seconds per rank otherwise
 ]
 
 

@@ -124,8 +124,8 @@ def build_job(
     cfg = load_config(schema, config, overrides)
     config_in_root = _relative_to_root(Path(config), root)
     job_run_dir, note = place_run_dir(cfg.run.dir, local)
-    if job_run_dir != cfg.run.dir:
-        overrides.append(f"run.dir={job_run_dir}")
+    if job_run_dir != cfg.run.dir:  # one run.dir override, the resolved one
+        overrides = [o for o in overrides if not o.startswith("run.dir=")] + [f"run.dir={job_run_dir}"]
     excludes = [*EXCLUDES, *(excludes or []), *_run_dir_exclude(job_run_dir, root)]
     check_upload_size(root, excludes)
     # Local cluster: this interpreter has the project's dependencies; elsewhere the cluster's `python`.
@@ -259,6 +259,11 @@ def connect(address: str, auth_token: str | None = None):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    # Ray's client logs a line per ignore file, upload step and closed log stream, and warns that .git and
+    # .venv are left out (as EXCLUDES has them anyway).
+    for noisy in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("ray._private.runtime_env").setLevel(logging.ERROR)
     token, source = find_token(auth_token)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
@@ -296,8 +301,6 @@ def submit(
     client, spec: JobSpec, *, name: str | None = None, resources: dict[str, float] | None = None
 ) -> str:
     metadata = {**spec.metadata, **({"job_name": name} if name else {})}
-    for noisy in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)  # a line per ignore file and upload step
     kwargs = {f"entrypoint_{key}": value for key, value in (resources or {}).items() if value}
     try:
         return client.submit_job(

@@ -296,6 +296,8 @@ def test_job_spec_and_addresses(monkeypatch, tmp_path):
     assert spec.entrypoint.startswith(f"{sys.executable} -m rl.cli pretrain configs/pretrain_tiny.yaml ")
     assert spec.entrypoint.endswith(f"train.max_steps=6 run.dir={Path.cwd() / 'runs/pretrain_tiny'}")
     assert spec.runtime_env["working_dir"] == str(ROOT) and spec.runtime_env["env_vars"]["A"] == "1"
+    spec = jobs.build_job("pretrain", TINY_CONFIG, ["run.dir=r0"], local=True, run_dir="r1")
+    assert spec.entrypoint.endswith(f"configs/pretrain_tiny.yaml run.dir={tmp_path / 'r1'}")  # --run-dir wins
     remote = jobs.build_job("pretrain", TINY_CONFIG, [], local=False, run_dir="/shared/r1")
     assert remote.entrypoint.startswith("python -m rl.cli") and remote.run_dir == "/shared/r1"
     assert "relative" in jobs.place_run_dir("runs/x", local=False)[1]

@@ -6,6 +6,7 @@ nothing here depends on a pretraining run; reward going up is checked by hand wi
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,10 +22,19 @@ from algorithms.grpo import (
 )
 from algorithms.rl_inputs import PromptLoader, resolve_init
 from core.errors import InputError
-from rollout.environments import Score
+from rollout.environments import Completion, Score
 from rollout.types import GenerationResult, Sample
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: threads only fight each other on a shared 2-core machine (1 thread is ~20x faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def result(prompt: list[int], responses: list[list[int]]) -> GenerationResult:
@@ -110,3 +120,182 @@ def test_config_checks():
         )
     with pytest.raises(InputError, match="not found.*rl pretrain"):
         resolve_init("/nonexistent/run")
+
+
+# ---- with a model: a tiny Llama pretrained for a few steps on the arithmetic task (shared by the tests) ----
+
+GRPO_FAST = [
+    "train.max_steps=4",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=4",
+    "train.log_every=1",
+    "train.eval_every=2",
+    "train.save_every=2",
+    "train.keep_last=3",
+    "train.progress_bar=false",
+    "optim.lr=1e-3",
+    "optim.min_lr=1e-4",
+    "optim.decay=cosine",
+    "data.synthetic.n_train=64",
+    "data.synthetic.n_eval=8",
+    "rollout.prompts_per_step=4",
+    "rollout.n=4",
+    "rollout.max_tokens=4",
+    "environment.format_reward=0.5",  # a barely trained model gets a varied reward from the format alone
+    "algorithm.loss.kl_coef=0.01",  # exercises the reference
+]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A run directory with hf/: a tiny Llama (hidden 64, 2 layers) teacher-forced for 40 Adam steps on
+    arithmetic text, enough to answer with digits and EOS (mostly wrong answers). ~2 s."""
+    import dataclasses
+
+    from core.bridge import save_hf
+    from core.data.synthetic import generate_arithmetic, save_char_tokenizer
+    from core.data.tokenizer import load_tokenizer
+    from core.models import preset
+    from core.transformer.model import GPTModel
+
+    run_dir = tmp_path_factory.mktemp("pretrain")
+    tok_dir = save_char_tokenizer(run_dir / "tokenizer")
+    tok = load_tokenizer(tok_dir)
+    config = dataclasses.replace(
+        preset("llama_tiny"),
+        vocab_size=64,
+        hidden_size=64,
+        num_layers=2,
+        num_attention_heads=2,
+        num_kv_heads=1,
+        head_dim=None,
+        ffn_hidden_size=128,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    model = GPTModel(config)
+    problems, _ = generate_arithmetic(640, 0, seed=0)
+    rows = [tok(p.text)["input_ids"] + [tok.eos_token_id] for p in problems]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for batch in ids.split(16):
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), ignore_index=0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_hf(model, run_dir / "hf", tokenizer_dir=tok_dir)
+    return run_dir
+
+
+def rl_grpo(run_dir: Path, init_from: Path, *overrides: str) -> int:
+    from rl.cli import main
+
+    config = str(ROOT / "configs/grpo_tiny.yaml")
+    return main(
+        ["grpo", config, *GRPO_FAST, f"run.dir={run_dir}", f"model.init_from={init_from}", *overrides]
+    )
+
+
+def test_logprob_gap_is_zero_after_refit_and_large_without(pretrained):
+    """Trainer and sampler agree in fp32 when they hold the same weights (colocated: the same tensors;
+    separate engine: after refit), and the gap metric exposes an engine left on stale weights."""
+    from algorithms.evaluation import encode_prompt
+    from algorithms.grpo import GRPOConfig, advantages_of, build_policy, sampling_requests
+    from algorithms.rl_inputs import load_init_model
+    from core.data.tokenizer import load_tokenizer
+    from rollout.engines.native import NativeEngine
+    from rollout.environments import build_environment
+    from rollout.refit import refit_engine
+
+    hf = pretrained / "hf"
+    tok = load_tokenizer(hf)
+    cfg = GRPOConfig(
+        model={"init_from": str(hf)},
+        rollout={"n": 4, "prompts_per_step": 4, "max_tokens": 4},
+        train={"global_batch_size": 16, "micro_batch_size": 8},
+        optim={"lr": 1e-2, "min_lr": 1e-2},  # one visible step
+    )
+    policy = build_policy(cfg, load_init_model(resolve_init(hf)), torch.device("cpu"))
+    prompts = ["12+34=", "5+7=", "40+2=", "9+9="]
+    ids = [encode_prompt(tok, p) for p in prompts]
+    eos = [tok.eos_token_id]
+    colocated = NativeEngine(policy.generation_model(), tokenizer=tok, max_model_len=16, eos_token_ids=eos)
+    separate = NativeEngine(model_dir=hf, max_model_len=16, eos_token_ids=eos)
+
+    def gap(engine) -> float:
+        results = engine.generate(sampling_requests(ids, cfg.rollout, seed=5))
+        texts = [[tok.decode(s.token_ids, skip_special_tokens=True) for s in r.samples] for r in results]
+        env = build_environment("arithmetic", format_reward=0.5)
+        scores = env.score([Completion(p, t, "stop") for p, ts in zip(prompts, texts) for t in ts])
+        batch = build_batch(results, scores)
+        trainer = policy.logprobs(batch)["logprobs"]
+        batch |= {"old_logprobs": trainer, "advantages": advantages_of(batch, cfg.algorithm)}
+        return logprob_gap(trainer, batch["sampler_logprobs"], batch["response_mask"]), batch
+
+    for engine in (colocated, separate):
+        assert gap(engine)[0]["rollout/logprob_gap_max"] < 1e-4
+    _, batch = gap(colocated)
+    assert batch["advantages"].abs().sum() > 0
+    policy.train({k: v for k, v in batch.items() if k not in ("sampler_logprobs", "rewards", "correct")})
+    assert gap(colocated)[0]["rollout/logprob_gap_max"] < 1e-4  # same tensors: nothing to refit
+    assert gap(separate)[0]["rollout/logprob_gap_max"] > 1e-2  # stale weights: the metric shows it
+    refit_engine(separate, policy.hf_weights(), version=2)
+    assert gap(separate)[0]["rollout/logprob_gap_max"] < 1e-4
+
+
+def test_rl_grpo_end_to_end_then_resume_gives_the_same_continuation(pretrained, tmp_path):
+    from core.bridge import load_hf
+    from core.utils.metrics import read_metrics
+
+    run_dir = tmp_path / "grpo"
+    assert rl_grpo(run_dir, pretrained) == 0  # init from an `rl pretrain` run directory
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    for key in (
+        "reward/mean",
+        "reward/accuracy",
+        "response/length_mean",
+        "train/clip_frac",
+        "train/kl",
+        "train/entropy",
+        "train/grad_norm",
+        "train/lr",
+        "time/generate",
+        "time/train",
+    ):
+        assert all(key in r for r in rows[1:]), key
+    assert all(r["rollout/logprob_gap_max"] < 1e-4 for r in rows[1:])
+    assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[2] and "eval/accuracy" in rows[4]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.png").is_file()
+    assert any((run_dir / "tensorboard").iterdir())
+    load_hf(run_dir / "hf")  # the export loads
+
+    # Interrupted after step 3 (step_4 and hf/ never written): the same command resumes from step_2 and
+    # replays steps 3-4 exactly (weights, optimizer, LR schedule, prompt order, sampling seeds).
+    shutil.rmtree(run_dir / "checkpoints" / "step_4")
+    shutil.rmtree(run_dir / "hf")
+    assert rl_grpo(run_dir, pretrained) == 0
+    resumed = read_metrics(run_dir)
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
+    for before, after in zip(rows[3:], resumed[3:]):
+        drop = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}  # noqa: E731
+        assert drop(after) == drop(before)
+
+
+def test_bad_config_exits_2_before_writing(pretrained, tmp_path, capsys):
+    run_dir = tmp_path / "bad"
+    cases = {
+        "rollout.nn=3": "unknown key 'rollout.nn'; did you mean 'rollout.n'",
+        "parallel.tp=2": "single process",
+        "rollout.max_tokens=500": "max_position_embeddings",
+        "data.path=/nope.jsonl": "exactly one of data.path and data.synthetic",
+    }
+    for override, message in cases.items():
+        assert rl_grpo(run_dir, pretrained / "hf", override) == 2
+        assert message in capsys.readouterr().err
+    assert rl_grpo(run_dir, tmp_path / "missing") == 2
+    assert "rl pretrain configs/pretrain_tiny.yaml" in capsys.readouterr().err
+    assert not run_dir.exists()

@@ -1,0 +1,359 @@
+"""GRPO on a Ray cluster: the same GRPOTrainer, driven over worker groups instead of in-process objects.
+
+    cfg = load_config(ClusterGRPOConfig, "configs/grpo_tiny.yaml", ["placement.mode=disaggregated", ...])
+    metrics = run_grpo_cluster(cfg)
+
+Placement (config section `placement`, rl.cluster.Placement):
+- colocated: one pool of placement.num_bundles bundles shared by every role. With rollout.engine=native
+  the policy workers host the engines on their own parameters (no copy, no refit: the weight sync only
+  records the version; requests are split over the policy's dp shards, tp ranks generate together).
+  With rollout.engine=vllm the engines are separate actors on the same bundles (one per bundle),
+  refitted over shared memory.
+- disaggregated: placement.pools gives each role its own pool (policy, generation, and optionally
+  reference; without a pool of its own the reference shares the policy's). One engine replica per
+  generation bundle, refitted each step by the policy streaming buckets over a dedicated gloo / NCCL
+  group (rollout.transport), or through the object store (weight_transport=object_store).
+The policy (and reference) layout is `parallel` (tp x pp x dp ranks = parallel.world_size workers).
+
+Failures (section `failure`): every worker call has a deadline (call_timeout_s). A worker that dies, is
+killed, runs out of memory or hangs raises WorkerGroupError; with restarts left, every group is rebuilt
+(dead ranks replaced, worlds re-formed, engines rebuilt), the trainer resumes from the newest complete
+checkpoint in run.dir and goes on; otherwise the run stops with ClusterRunError naming the role, the
+rank and how to resume. Checkpoints are atomic (GRPOTrainer.save), so a failure never leaves a half
+written one behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from algorithms.grpo import GRPOConfig, GRPOTrainer, Inputs
+from core.config import ParallelConfig, Schema
+from rl.cluster import Placement, WorkerGroup, WorkerGroupError
+from rl.cluster.placement import RolePlacement
+
+logger = logging.getLogger(__name__)
+
+
+class RayOptions(Schema):
+    address: str | None = Field(
+        None, description='attach to a running cluster ("auto", "host:port"); None: start a local one'
+    )
+    num_cpus: int | None = Field(None, ge=1, description="local cluster: logical CPUs (default: all)")
+    num_gpus: int | None = Field(None, ge=0, description="local cluster: GPUs (default: all)")
+    namespace: str | None = None
+
+
+class FailureConfig(Schema):
+    max_restarts: int = Field(0, ge=0, description="worker failures to recover from (restart + resume)")
+    call_timeout_s: float = Field(600.0, gt=0, description="deadline of every worker call")
+    restart_timeout_s: float = Field(300.0, gt=0, description="how long a restart may take per group")
+
+
+class ClusterGRPOConfig(GRPOConfig):
+    placement: Placement = Field(default_factory=Placement)
+    failure: FailureConfig = Field(default_factory=FailureConfig)
+    ray: RayOptions = Field(default_factory=RayOptions)
+    weight_transport: Literal["auto", "process_group", "shared_memory", "object_store"] = Field(
+        "auto",
+        description="refit of separate engines. auto: shared_memory when colocated, else process_group",
+    )
+
+    @model_validator(mode="after")
+    def _cluster_layout(self) -> ClusterGRPOConfig:
+        p = self.parallel
+        if p.cp > 1:
+            raise ValueError("parallel.cp > 1: the RL policy does not support context parallelism yet")
+        colocated_native = self.placement.mode == "colocated" and self.rollout.engine == "native"
+        if colocated_native and p.pp > 1:
+            raise ValueError(
+                "placement.mode=colocated with rollout.engine=native generates on the policy's own "
+                "parameters, which needs parallel.pp=1 (use mode=disaggregated for pipeline layouts)"
+            )
+        if self.placement.mode == "disaggregated":
+            missing = [role for role in ("policy", "generation") if role not in self.placement.pools]
+            if missing:
+                raise ValueError(f"placement.pools needs a size for {missing} (mode=disaggregated)")
+        return self
+
+    @property
+    def colocated_engines(self) -> bool:
+        """The policy workers host the engines themselves."""
+        return self.placement.mode == "colocated" and self.rollout.engine == "native"
+
+
+class ClusterRunError(RuntimeError):
+    """The run stopped on a worker failure it could not (or may not) recover from. One line: the role,
+    the rank, what happened, and how to resume."""
+
+    def __init__(self, error: WorkerGroupError, restarts: int, resume: str) -> None:
+        self.role, self.rank = error.role, error.rank
+        reason = str(error).split("; rerun the same command")[0]
+        used = f"after {restarts} restart(s); " if restarts else ""
+        super().__init__(f"grpo stopped: {reason} ({used}failure.max_restarts reached). To resume: {resume}")
+
+
+class ClusterRun:
+    """One GRPO run on Ray: `start` builds pools, worker groups and the trainer's Components; `run`
+    trains to train.max_steps under the failure policy; `shutdown` releases everything.
+
+    resume_command: what to tell the user to run to resume (default: "rerun the same command ...").
+    """
+
+    def __init__(self, cfg: ClusterGRPOConfig, resume_command: str | None = None) -> None:
+        self.cfg = cfg
+        self.resume_command = resume_command or (
+            f"rerun the same command; it resumes from the newest checkpoint in run.dir={cfg.run.dir}"
+        )
+        self.groups: dict[str, WorkerGroup] = {}
+        self.pools: list[Any] = []
+        self.parts: Any = None
+        self.inputs: Inputs | None = None
+        self.restarts = 0
+        self._owns_ray = False
+        self._transport: Any = None
+
+    # ---- set-up ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        import ray
+
+        from algorithms.grpo import check_inputs
+        from core.config import dump_config
+        from rl.cluster import init_ray
+
+        cfg = self.cfg
+        # check_inputs refuses parallel layouts (the single-process command's limit); the workers have them
+        self.inputs = check_inputs(cfg.model_copy(update={"parallel": ParallelConfig()}))
+        run_dir = Path(cfg.run.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+        self._owns_ray = not ray.is_initialized()
+        r = cfg.ray
+        init_ray(r.address, r.num_cpus, num_gpus=r.num_gpus, namespace=r.namespace)
+        try:
+            self._build_groups(self._place())
+            self.parts = self._components()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _roles(self) -> list[str]:
+        from algorithms.grpo import needs_reference
+
+        roles = ["policy"]
+        if needs_reference(self.cfg):
+            roles.append("reference")
+        if not self.cfg.colocated_engines:
+            roles.append("generation")
+        return roles
+
+    def _place(self) -> dict[str, RolePlacement]:
+        from rl.cluster import build_pools
+
+        placement, roles = self.cfg.placement, self._roles()
+        if placement.mode == "colocated" or "reference" not in roles or "reference" in placement.pools:
+            placed = build_pools(placement, roles)
+        else:  # the reference shares the policy's pool, half of each bundle each
+            placed = build_pools(placement, [r for r in roles if r != "reference"])
+            policy_pool = placed["policy"].pool
+            placed["policy"] = placed["reference"] = RolePlacement(policy_pool, share=0.5)
+        self.pools = list({id(p.pool): p.pool for p in placed.values()}.values())
+        return placed
+
+    def _policy_spec(self, with_engine: bool) -> Any:
+        from algorithms.policy import PolicyLossConfig
+        from rl.workers import PolicySpec
+
+        cfg = self.cfg
+        return PolicySpec(
+            init_from=cfg.model.init_from,
+            parallel=cfg.parallel,
+            loss=PolicyLossConfig(**cfg.algorithm.loss.model_dump()),
+            optim=cfg.optim,
+            precision=cfg.precision,
+            micro_batch_size=cfg.train.micro_batch_size,
+            total_optimizer_steps=cfg.train.max_steps * cfg.optimizer_steps_per_step,
+            seed=cfg.train.seed,
+            engine=self._engine_spec() if with_engine else None,
+        )
+
+    def _engine_spec(self, hf_dir: str | None = None) -> Any:
+        from rl.workers import EngineSpec
+
+        cfg, inputs = self.cfg, self.inputs
+        eos = inputs.tokenizer.eos_token_id
+        return EngineSpec(
+            kind=cfg.rollout.engine,
+            init_from=cfg.model.init_from,
+            max_model_len=inputs.max_model_len,
+            max_num_seqs=cfg.rollout.max_num_seqs,
+            seed=cfg.train.seed,
+            eos_token_ids=(eos,) if eos is not None else (),
+            tokenizer_dir=str(inputs.tokenizer_dir),
+            hf_dir=hf_dir,
+            kv_cache_gib=cfg.rollout.kv_cache_gib,
+        )
+
+    def _group(self, worker_cls: type, placed: RolePlacement, world: int, name: str, *args: Any, **kw: Any):
+        from core.parallel.dims import ParallelDims
+
+        p = self.cfg.parallel
+        dims = (
+            ParallelDims(tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, dp=p.dp, world_size=world)
+            if name != "generation"
+            else ParallelDims(world_size=world)
+        )
+        return WorkerGroup(
+            worker_cls,
+            placed.pool,
+            world,
+            dims,
+            args,
+            name=name,
+            timeout_s=self.cfg.failure.call_timeout_s,
+            **placed.worker_resources(world),
+            **kw,
+        )
+
+    def _build_groups(self, placed: dict[str, RolePlacement]) -> None:
+        from rl.workers import GenerationWorker, PolicyWorker, ReferenceWorker
+
+        cfg, world = self.cfg, self.cfg.parallel.world_size
+        self.groups["policy"] = self._group(
+            PolicyWorker, placed["policy"], world, "policy", self._policy_spec(cfg.colocated_engines)
+        )
+        if "reference" in placed:
+            self.groups["reference"] = self._group(
+                ReferenceWorker, placed["reference"], world, "reference", self._policy_spec(False)
+            )
+        if "generation" in placed:
+            engines = placed["generation"].pool.num_bundles
+            spec = self._engine_spec(self._engine_hf_dir())
+            self.groups["generation"] = self._group(
+                GenerationWorker,
+                placed["generation"],
+                engines,
+                "generation",
+                spec,
+                cfg.precision,
+                backend="none",
+            )
+
+    def _engine_hf_dir(self) -> str | None:
+        """vLLM starts from an HF directory: the source itself, or the policy's initial weights written out."""
+        from algorithms.grpo import write_hf
+        from rl.workers import RayPolicy
+
+        if self.cfg.rollout.engine != "vllm":
+            return None
+        if self.inputs.source.kind == "hf":
+            return str(self.inputs.source.path)
+        path = Path(self.cfg.run.dir) / "engine_init"
+        policy = RayPolicy(self.groups["policy"])
+        write_hf(policy.hf_weights(), policy.model_config(), path, self.inputs.tokenizer_dir)
+        return str(path)
+
+    def _components(self) -> Any:
+        from algorithms.grpo import Components
+        from rl.workers import (
+            ColocatedWeightSync,
+            RayGenerator,
+            RayPolicy,
+            RayReference,
+            TransportWeightSync,
+        )
+
+        cfg, inputs = self.cfg, self.inputs
+        policy = RayPolicy(self.groups["policy"])
+        reference = RayReference(self.groups["reference"]) if "reference" in self.groups else None
+        if cfg.colocated_engines:
+            generator = RayGenerator(self.groups["policy"])
+            sync: Any = ColocatedWeightSync(self.groups["policy"])
+        else:
+            generator = RayGenerator(self.groups["generation"])
+            transport = cfg.weight_transport
+            if transport == "auto":
+                transport = "shared_memory" if cfg.placement.mode == "colocated" else "process_group"
+            if transport == "object_store":
+                sync = lambda version: generator.update_weights(policy.hf_weights(), version)  # noqa: E731
+            else:
+                sync = self._transport = TransportWeightSync(
+                    self.groups["policy"], self.groups["generation"], transport
+                )
+                sync.connect()
+        colocated = cfg.placement.mode == "colocated"
+        return Components(policy, generator, sync, inputs.environment, inputs.tokenizer, reference, colocated)
+
+    # ---- running --------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, float]:
+        """start (if not yet), fit under the failure policy, export hf/, shut down."""
+        from algorithms.grpo import PLOTTED
+        from core.utils.metrics import plot_metrics
+
+        if self.parts is None:
+            self.start()
+        try:
+            metrics = self._fit()
+        finally:
+            self.shutdown()
+        plot_metrics(Path(self.cfg.run.dir), list(PLOTTED))
+        return metrics
+
+    def _fit(self) -> dict[str, float]:
+        inputs = self.inputs
+        while True:
+            try:
+                trainer = GRPOTrainer(self.cfg, self.parts, inputs.train_rows, inputs.eval_rows)  # resumes
+                metrics = trainer.fit()
+                trainer.export(self.parts.policy.model_config(), inputs.tokenizer_dir)
+                return metrics
+            except WorkerGroupError as error:
+                if not error.recoverable or self.restarts >= self.cfg.failure.max_restarts:
+                    raise ClusterRunError(error, self.restarts, self.resume_command) from error
+                self.restarts += 1
+                logger.warning(
+                    "%s; restart %d of %d from the newest checkpoint",
+                    error,
+                    self.restarts,
+                    self.cfg.failure.max_restarts,
+                )
+                self.restart()
+
+    def restart(self) -> None:
+        """Rebuild every group (dead or stuck ranks replaced, worlds re-formed, setup rerun: models from
+        the initial weights, engines fresh at version 0) and reconnect the weight transport. The trainer
+        built next loads the newest checkpoint."""
+        try:
+            for group in self.groups.values():
+                group.restart(self.cfg.failure.restart_timeout_s)
+            if self._transport is not None:
+                self._transport.connect()
+        except WorkerGroupError as error:
+            raise ClusterRunError(error, self.restarts, self.resume_command) from error
+
+    def shutdown(self) -> None:
+        from rl.cluster import shutdown_ray
+
+        for group in self.groups.values():
+            group.shutdown()
+        self.groups = {}
+        for pool in self.pools:
+            pool.remove()
+        self.pools = []
+        if self._owns_ray:
+            shutdown_ray()
+            self._owns_ray = False
+
+
+def run_grpo_cluster(cfg: ClusterGRPOConfig, resume_command: str | None = None) -> dict[str, float]:
+    """Checks every input, starts (or attaches to) Ray, builds the worker groups `cfg.placement` asks for,
+    trains to train.max_steps with GRPOTrainer (resuming from run.dir), exports hf/, returns the last
+    logged metrics. Raises ClusterRunError (one line: role, rank, how to resume) on a failure it may
+    not recover from, InputError on bad input before anything starts."""
+    return ClusterRun(cfg, resume_command).run()

@@ -1,0 +1,160 @@
+"""Policy and reference workers: one rank of a training layout hosting an algorithms.policy.PolicyModel.
+
+Every rank of the group is called together (WorkerGroup dispatch "dp" for batches, "all" otherwise): a
+batch reaches the ranks of its dp shard, PolicyModel runs the collectives, the output ranks' results go
+back. The worker adds only what a remote process needs around the model: the LR schedule (stepped after
+each optimizer step and checkpointed next to the model), checkpoint paths, and the two ways its weights
+reach a generation engine:
+- colocated (spec.engine): a NativeEngine on the rank's own model chunk (no copy, tp ranks generate
+  SPMD); `use_current_weights(version)` records the version after an optimizer step;
+- disaggregated: `send_weights(version)` streams hf_weights() over a rollout.transport sender held by
+  rank 0 (the other ranks drive their part of the tp/pp gathers) to the engine workers' receivers.
+
+Checkpoint layout (the same as algorithms.inprocess_policy, so a run resumes in either): path/model (a
+torch.distributed.checkpoint directory, any layout) and path/schedule.pt (the LR schedule, rank 0).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from algorithms.policy import PolicyModel
+from rl.cluster.worker import Worker
+from rl.workers.generation import EngineHostMixin, build_native_engine
+from rl.workers.specs import PolicySpec
+
+
+def build_policy_model(spec: PolicySpec, groups: Any, device: torch.device) -> PolicyModel:
+    """The rank's PolicyModel from the full initial weights (every rank reads them, keeps its shard)."""
+    from algorithms.pretrain import param_dtype
+    from algorithms.rl_inputs import load_init_model, resolve_init
+
+    torch.manual_seed(spec.seed)
+    full = load_init_model(resolve_init(spec.init_from))
+    return PolicyModel.build(
+        full.config,
+        full.state_dict(),
+        groups,
+        loss=spec.loss,
+        optim=spec.optim,
+        micro_batch_size=spec.micro_batch_size,
+        parallel=spec.parallel,
+        device=device,
+        param_dtype=param_dtype(spec.precision, device),
+        temperature=spec.temperature,
+    )
+
+
+class ReferenceWorker(Worker):
+    """A frozen copy of the initial policy: logprobs only."""
+
+    role = "reference"
+
+    def __init__(self, spec: PolicySpec) -> None:
+        self.spec = spec
+        self.model: PolicyModel | None = None
+
+    def setup(self) -> None:
+        self.model = None  # a restart rebuilds on the new groups
+        self.model = build_policy_model(self.spec, self.groups, self.device)
+
+    def logprobs(self, batch: dict[str, torch.Tensor], with_entropy: bool = False) -> dict[str, torch.Tensor]:
+        return self.model.logprobs(batch, with_entropy)
+
+
+class PolicyWorker(EngineHostMixin, ReferenceWorker):
+    """The trained policy: logprobs, train (one optimizer step + LR schedule step), save / load, weights
+    out for refit and export, and (spec.engine set) colocated generation on its own parameters."""
+
+    role = "policy"
+
+    def __init__(self, spec: PolicySpec) -> None:
+        super().__init__(spec)
+        self.scheduler: Any = None
+        self.engine = None
+        self._sender: Any = None
+
+    def setup(self) -> None:
+        from algorithms.schedules import build_scheduler
+
+        self.close_weight_sender()
+        self.engine = None
+        super().setup()
+        self.scheduler = build_scheduler(
+            self.model.engine.optimizer, self.spec.total_optimizer_steps, self.spec.optim
+        )
+        if self.spec.engine is not None:
+            self.engine = build_native_engine(self.spec.engine, self.model.engine.chunks[0])
+
+    # ---- training -------------------------------------------------------------------------------------
+
+    def train(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        metrics = self.model.train(batch)
+        self.scheduler.step()
+        return metrics
+
+    def save(self, path: str) -> None:
+        """Collective. The caller makes `path` atomic (GRPOTrainer writes under a temporary name)."""
+        path_ = Path(path)
+        path_.mkdir(parents=True, exist_ok=True)
+        self.model.save(path_ / "model")
+        if self.rank == 0:
+            torch.save({"scheduler": self.scheduler.state_dict()}, path_ / "schedule.pt")
+
+    def load(self, path: str) -> None:
+        path_ = Path(path)
+        self.model.load(path_ / "model")
+        state = torch.load(path_ / "schedule.pt", weights_only=False)
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def model_config(self) -> Any:
+        return self.model.config
+
+    # ---- weights out ----------------------------------------------------------------------------------
+
+    def hf_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole model, HF names, on rank 0 (None elsewhere). Collective; one full copy in memory:
+        for export and small models; refit streams instead (send_weights)."""
+        state = {name: tensor.detach().cpu().clone() for name, tensor in self.model.hf_weights()}
+        return state if self.rank == 0 else None
+
+    def use_current_weights(self, version: int) -> int:
+        """Colocated refit: the engine already reads the trained parameters; record the version."""
+        self.engine.use_model(self.model.engine.chunks[0], version=version)
+        return version
+
+    def open_weight_sender(self, num_receivers: int, transport: str, timeout_s: float) -> Any:
+        """Rank 0: a weight sender for `num_receivers` engine workers; returns the address they connect
+        to. transport: "process_group" (gloo on CPU, NCCL on GPU; any hosts) or "shared_memory" (same
+        host: /dev/shm on CPU, CUDA IPC on GPU, the colocated case where NCCL cannot pair two processes
+        on one GPU)."""
+        from datetime import timedelta
+
+        from rollout.transport import ProcessGroupSender, SharedMemorySender
+
+        self.close_weight_sender()
+        if transport == "shared_memory":
+            self._sender = SharedMemorySender(num_receivers, device=self.device)
+        else:
+            import ray
+
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            host = ray.util.get_node_ip_address()
+            timeout = timedelta(seconds=timeout_s)
+            self._sender = ProcessGroupSender(num_receivers, host=host, backend=backend, timeout=timeout)
+        return self._sender.address
+
+    def send_weights(self, version: int) -> int:
+        """Collective over the policy ranks, concurrent with the engine workers' receive_weights."""
+        from rollout.transport import send_weights
+
+        send_weights(self._sender, self.model.hf_weights(), version)
+        return version
+
+    def close_weight_sender(self) -> None:
+        if getattr(self, "_sender", None) is not None:
+            self._sender.close()
+        self._sender = None

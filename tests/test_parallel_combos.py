@@ -20,6 +20,11 @@ relative. Parameters after 3 AdamW steps (lr 1e-3): 2e-5 absolute, because Adam'
 A missing or doubled reduction, a wrong cp chunk or a tied sum after the reduce-scatter moves them by
 ~the scale (checked by breaking each).
 
+fp16 overflow: a tp2 x dp2 ZeRO-1 engine with fp16 params and a DynamicGradScaler; an inf put into one
+owned gradient element on rank 3 only (tp rank 1, dp rank 1) must skip the step on every rank (the inf check
+reduces over tp x pp, then dp x cp) with the fp32 masters untouched and the scale backed off everywhere;
+the next clean step updates.
+
 The MoE layout runs without the load-balancing loss (coefficient 0): each rank balances its own tokens
 (Megatron's default), which is not the single-process global-batch value (see core/transformer/moe.py).
 """
@@ -34,6 +39,7 @@ import pytest
 import torch
 
 from core.config import OptimConfig, ParallelConfig
+from core.distributed import DynamicGradScaler
 from core.engine import ModelEngine, shard_of
 from core.models import preset
 from core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -133,7 +139,33 @@ def _layouts_world(rank: int, world_size: int) -> dict[str, Any]:
                 tp_rank=groups.tp_rank, tp_size=groups.tp_size, ep_rank=groups.ep_rank, ep_size=groups.ep_size
             )
         }
+        if name == "tp2-dp2":
+            results["fp16"] = _fp16_overflow(rank, groups, config)
     return results
+
+
+def _fp16_overflow(rank: int, groups, config: TransformerConfig) -> list[dict[str, float]]:
+    par = ParallelConfig(tp=2, dp=2, distributed_optimizer=True)
+    scaler = DynamicGradScaler(2.0**10)
+    engine = ModelEngine(
+        config, par, OPTIM, groups, torch.device("cpu"), _full_state(config), torch.float16, scaler
+    )
+    steps = []
+    for poison in (rank == 3, False):
+        global_batch = _micro_batches(0, config.vocab_size)
+        n_tokens = torch.stack([mb["loss_mask"].sum() for mb in global_batch]).sum()
+        mine = global_batch[groups.dp_rank * 4 : (groups.dp_rank + 1) * 4]
+        masters = [s.master.clone() for s in engine.optimizer.shards]
+        engine.forward_backward(mine, _loss_fn(engine.tp_group, n_tokens))
+        engine.finalize_grads()
+        if poison:
+            engine.owned_main_grads()[0][3][0] = float("inf")
+        _, metrics = engine.optimizer_step(OPTIM.clip_grad)
+        unchanged = all(
+            torch.equal(m, s.master) for m, s in zip(masters, engine.optimizer.shards, strict=True)
+        )
+        steps.append(metrics | {"unchanged": float(unchanged), "scale_after": scaler.scale})
+    return steps
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +212,12 @@ def test_layout_matches_single_process(layout, world, references):
             assert (value - want).abs().max().item() <= PARAM_ATOL, f"rank {rank} {name} after {STEPS} steps"
     # Every element of every gradient was compared somewhere (replicas over dp count each time they own it).
     assert set(covered) == set(params_ref)
+
+
+def test_fp16_overflow_on_one_rank_skips_the_step_everywhere(world):
+    for rank, result in enumerate(world):
+        poisoned, clean = result["fp16"]
+        assert poisoned == {"loss_scale": 1024.0, "skipped": 1.0, "unchanged": 1.0, "scale_after": 512.0}, (
+            rank
+        )
+        assert clean == {"loss_scale": 512.0, "skipped": 0.0, "unchanged": 0.0, "scale_after": 512.0}, rank

@@ -8,6 +8,12 @@ Rows: the baseline is a plain `load_state_dict` of the stream into a transformer
 device and dtype; `refit_engine` into the chosen engine (bucketed, as a trainer would); for the
 native engine also `use_model`, the colocated path that binds the trainer's own parameters and
 copies nothing (GB 0). Each row runs once untimed, then `repeats` timed runs, mean reported.
+
+Transports (`transport`): "same-process" gives the rows above. "shm" and "process-group" instead time a
+refit from this process into an engine hosted by a separate process (rollout/transport.py): the
+receiver applies each refit with `receive_weights` and reports back, and a row's seconds run from
+the start of `send` to that report (transfer + load, as in a disaggregated or Ray-actor setup). On
+CUDA "shm" uses CUDA IPC slots and "process-group" NCCL; on the CPU shared files and gloo.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,6 +33,7 @@ from core.transformer.model import GPTModel
 from rl.bench.generate import build_random_model, save_checkpoint, sync
 
 BASELINE = "hf load_state_dict"
+TRANSPORTS = ("same-process", "shm", "process-group")
 
 
 @dataclass
@@ -132,6 +140,91 @@ def _guarded(name: str, rows: Callable[[], list[RefitResult]]) -> list[RefitResu
             torch.cuda.empty_cache()
 
 
+def _engine_process(
+    model_dir: str,
+    engine: str,
+    device: str,
+    dtype: torch.dtype,
+    transport: str,
+    address: object,
+    refits: int,
+    reports: object,
+) -> None:
+    """Host an engine in its own process and apply `refits` refits from `address`, reporting each."""
+    from rollout.transport import ProcessGroupReceiver, SharedMemoryReceiver, receive_weights
+
+    try:
+        if engine == "native":
+            from rollout.engines.native.engine import NativeEngine
+
+            target = NativeEngine(
+                model_dir=model_dir, max_model_len=64, max_num_seqs=1, device=device, dtype=dtype
+            )
+        else:
+            from rollout.engines.vllm_engine import VLLMEngine
+
+            vllm_dtype = "bfloat16" if dtype == torch.bfloat16 else "float32"
+            target = VLLMEngine(model_dir, dtype=vllm_dtype, max_model_len=64, kv_cache_gib=1 / 16)
+        if transport == "shm":
+            receiver = SharedMemoryReceiver(address, device=device)  # type: ignore[arg-type]
+        else:
+            receiver = ProcessGroupReceiver(address, device=device)  # type: ignore[arg-type]
+        reports.put("ready")  # type: ignore[attr-defined]
+        for _ in range(refits):
+            reports.put(receive_weights(target, receiver))  # type: ignore[attr-defined]
+        receiver.close()
+        target.shutdown()
+    except BaseException as exc:  # noqa: BLE001 -- reported to the benchmark process
+        reports.put(f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
+
+
+def _expect_report(reports: object, expected: object) -> None:
+    got = reports.get(timeout=600)  # type: ignore[attr-defined]
+    if got != expected:
+        raise RuntimeError(f"engine process: {got}")
+
+
+def transport_rows(
+    model: GPTModel, model_dir: Path, engine: str, transport: str, bucket_bytes: int, repeats: int
+) -> list[RefitResult]:
+    """Refit an engine in another process over `transport` (see the module docstring)."""
+    import multiprocessing as mp
+
+    from rollout.transport import ProcessGroupSender, SharedMemorySender, WeightSender
+
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    sender: WeightSender
+    if transport == "shm":
+        sender = SharedMemorySender(
+            slot_bytes=min(bucket_bytes, 64 << 20), device=device, bucket_bytes=bucket_bytes
+        )
+        label = "CUDA IPC" if device.type == "cuda" else "/dev/shm"
+    else:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        sender, label = ProcessGroupSender(backend=backend, bucket_bytes=bucket_bytes), backend
+    ctx = mp.get_context("spawn")
+    reports = ctx.Queue()
+    args = (str(model_dir), engine, str(device), dtype, transport, sender.address, repeats + 1, reports)
+    proc = ctx.Process(target=_engine_process, args=args, daemon=True)
+    proc.start()
+    try:
+        _expect_report(reports, "ready")
+
+        def step(i: int) -> None:
+            sender.send(export_hf_weights(model, model.config), i + 1)
+            _expect_report(reports, i + 1)
+
+        seconds = time_repeats(step, device, repeats)
+    finally:
+        sender.close()
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    name = f"{engine} {transport} {label} ({bucket_bytes >> 20} MiB)"
+    return [RefitResult(name, seconds, stream_bytes(model))]
+
+
 def run_refit_bench(
     config: TransformerConfig,
     engine: str,
@@ -140,26 +233,75 @@ def run_refit_bench(
     bucket_bytes: int,
     workdir: Path,
     repeats: int = 3,
+    transports: tuple[str, ...] = ("same-process",),
 ) -> list[RefitResult]:
+    """Rows: the baseline, then per transport ("same-process" gives the in-process engine rows)."""
     model = build_random_model(config).to(dtype)
     model_dir = save_checkpoint(model, workdir / "hf")
     model = model.to(device)
     results = _guarded(BASELINE, lambda: [hf_load_state_dict_row(model, model_dir, device, repeats)])
-    if engine == "native":
-        results += _guarded("native", lambda: native_rows(model, model_dir, bucket_bytes, repeats))
-    else:
-        results += _guarded("vLLM", lambda: vllm_rows(model, model_dir, bucket_bytes, repeats))
+    for transport in transports:
+        if transport == "same-process" and engine == "native":
+            results += _guarded("native", lambda: native_rows(model, model_dir, bucket_bytes, repeats))
+        elif transport == "same-process":
+            results += _guarded("vLLM", lambda: vllm_rows(model, model_dir, bucket_bytes, repeats))
+        else:
+            rows = partial(transport_rows, model, model_dir, engine, transport, bucket_bytes, repeats)
+            results += _guarded(f"{engine} {transport}", rows)
     return results
 
 
 def format_table(results: list[RefitResult], baseline: str = BASELINE) -> str:
     base = next((r for r in results if r.name == baseline and r.seconds), None)
-    lines = [f"{'implementation':<34} {'seconds':>10} {'GB':>8} {'GB/s':>9} {'vs base':>8}"]
+    lines = [f"{'implementation':<38} {'seconds':>10} {'GB':>8} {'GB/s':>9} {'vs base':>8}"]
     for r in results:
         if r.seconds is None:
-            lines.append(f"{r.name:<34} {'skipped':>10}  {r.skipped}")
+            lines.append(f"{r.name:<38} {'skipped':>10}  {r.skipped}")
             continue
         ratio = f"{base.seconds / r.seconds:7.2f}x" if base else "       "
         gb_per_s = f"{r.gb_per_s:9.2f}" if r.gb_per_s else f"{'-':>9}"
-        lines.append(f"{r.name:<34} {r.seconds:10.4g} {r.num_bytes / 1e9:8.4f} {gb_per_s} {ratio}")
+        lines.append(f"{r.name:<38} {r.seconds:10.4g} {r.num_bytes / 1e9:8.4f} {gb_per_s} {ratio}")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m rl.bench.refit`: the refit table for one preset, engine and set of transports."""
+    import argparse
+    import tempfile
+
+    from core.models import preset
+
+    parser = argparse.ArgumentParser(prog="python -m rl.bench.refit", description=__doc__)
+    parser.add_argument("--preset", default="llama_tiny")
+    parser.add_argument("--engine", choices=["native", "vllm"], default="native")
+    parser.add_argument("--transport", default="same-process", help=f"comma list of {', '.join(TRANSPORTS)}")
+    parser.add_argument("--bucket-mb", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
+    args = parser.parse_args(argv)
+    transports = tuple(t.strip() for t in args.transport.split(",") if t.strip())
+    if unknown := [t for t in transports if t not in TRANSPORTS]:
+        parser.error(f"--transport: unknown {unknown}; choose from {', '.join(TRANSPORTS)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-refit-") as workdir:
+        results = run_refit_bench(
+            preset(args.preset),
+            args.engine,
+            device,
+            dtype,
+            args.bucket_mb << 20,
+            Path(workdir),
+            args.repeats,
+            transports,
+        )
+    print(
+        f"refit bench: {args.preset}, {dtype_name}, {device.type}, mean of {args.repeats} after one untimed"
+    )
+    print(format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -145,6 +146,7 @@ def head():
         yield started
     finally:
         started.stop()
+        shutil.rmtree(started.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -139,6 +139,7 @@ class ModelEngine:
         full_state: dict[str, torch.Tensor],
         param_dtype: torch.dtype = torch.float32,
         grad_scaler: DynamicGradScaler | None = None,
+        bucket_size_mb: float = 25.0,
     ):
         self.config, self.parallel, self.groups, self.device = config, parallel, groups, device
         self.grad_scaler = grad_scaler
@@ -154,6 +155,7 @@ class ModelEngine:
             groups.dp_cp_group if groups else None,
             expert_dp_group=groups.edp_group if groups else None,
             use_distributed_optimizer=parallel.distributed_optimizer,
+            bucket_size_mb=bucket_size_mb,
         )
         self.optimizer = build_optimizer(self.ddp, optim, distributed=parallel.distributed_optimizer)
         self.schedule = get_schedule(parallel.pp, parallel.vpp)
@@ -188,9 +190,9 @@ class ModelEngine:
         return self.groups.tp_group if self.groups else None
 
     def _run_schedule(
-        self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn, forward_only: bool
+        self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn, forward_only: bool, **hooks: Any
     ) -> list[dict[str, torch.Tensor]]:
-        kwargs = {} if self.groups is None else {"groups": self.groups}
+        kwargs = hooks if self.groups is None else hooks | {"groups": self.groups}
         return self.schedule(
             model_chunks=self.chunks,
             micro_batches=[split_micro_batch_for_cp(mb, self.cp_group) for mb in micro_batches],
@@ -213,15 +215,22 @@ class ModelEngine:
     def forward_backward(
         self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn
     ) -> list[dict[str, torch.Tensor]]:
-        """Zero the main grads, then forward/backward every micro-batch; gradients stay unreduced."""
+        """Zero the main grads, then forward/backward every micro-batch. At pp = 1 the dp reduction of each
+        gradient bucket has started in the last backward; finalize_grads waits for it (and starts it at pp > 1)."""
         self.optimizer.zero_grad()
         scale = self.grad_scaler.scale if self.grad_scaler is not None else 1.0
         if scale != 1.0:
             loss_fn = _scaled_loss_fn(loss_fn, scale)
         self._loss_scale = scale
         try:
-            # Reductions start once, after the last backward (DDP over all chunks; overlap within pp = 1 would
-            # need per-chunk wrappers, see core/distributed).
+            if self.parallel.pp == 1:
+                # Overlap: the last micro-batch's backward runs with sync on, so each gradient bucket starts
+                # its dp reduction as soon as its last grad arrives, while backward continues.
+                return self._run_schedule(
+                    micro_batches, loss_fn, forward_only=False, no_sync_func=lambda c: self.ddp.no_sync()
+                )
+            # pp > 1: one DDP holds every chunk and the tied-embedding sum must precede the reduction
+            # (finalize_model_grads), so reductions start after the schedule.
             with self.ddp.no_sync():
                 return self._run_schedule(micro_batches, loss_fn, forward_only=False)
         finally:

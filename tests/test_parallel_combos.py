@@ -6,6 +6,10 @@ Layouts (each ParallelDims over the same 4 ranks, groups built one after the oth
     cp2-dp2-zero1        llama, the engine's load-balanced cp split of full micro-batches
     ep2-edp2-zero1       mixtral (4 experts, top-2, dp4): experts sharded over ep, reduced over edp
 
+At pp = 1 the engine overlaps the dp reduction with backward (each bucket launched by the last micro-batch's
+backward hooks): tp2-dp2 runs with ~10 kB buckets, so several buckets must all have started before
+forward_backward returns; at pp = 2 none may start before finalize (the tied sum comes first).
+
 Every layout runs STEPS optimizer steps on the same global batch sequence as the reference (each dp rank
 its contiguous share of the micro-batches). Checked: the loss of every step, the gradient norm, every
 element of every gradient after the first backward (each rank's optimizer-owned ranges: ZeRO-1 shards or
@@ -51,6 +55,7 @@ STEPS = 3
 MICRO_BATCHES, B, T = 8, 2, 16  # global micro-batches per step; T divisible by 2 * cp
 OPTIM = OptimConfig(lr=1e-3, min_lr=0.0, weight_decay=0.1, clip_grad=1.0)
 GRAD_RTOL, LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-5, 2e-5
+BUCKET_MB = {"tp2-dp2": 0.01}  # several small buckets; 25 MB (one bucket) elsewhere
 
 
 def _config(name: str) -> TransformerConfig:
@@ -109,6 +114,8 @@ def _train(engine: ModelEngine, dp_rank: int, dp_size: int) -> dict[str, Any]:
         n_tokens = torch.stack([mb["loss_mask"].sum() for mb in global_batch]).sum()
         mine = global_batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
         per_mb = engine.forward_backward(mine, _loss_fn(engine.tp_group, n_tokens))
+        if step == 0:
+            out["buckets"] = (engine.ddp.num_buckets, engine.ddp.num_buckets_launched)
         engine.finalize_grads()
         if step == 0:
             out["grads"] = [(n, lo, hi, g.clone()) for n, lo, hi, g in engine.owned_main_grads()]
@@ -133,7 +140,15 @@ def _layouts_world(rank: int, world_size: int) -> dict[str, Any]:
         dims = ParallelDims(tp=par.tp, cp=par.cp, ep=par.ep, dp=par.dp, pp=par.pp, world_size=world_size)
         groups = build_groups(dims, rank)
         config = _config(model)
-        engine = ModelEngine(config, par, OPTIM, groups, torch.device("cpu"), _full_state(config))
+        engine = ModelEngine(
+            config,
+            par,
+            OPTIM,
+            groups,
+            torch.device("cpu"),
+            _full_state(config),
+            bucket_size_mb=BUCKET_MB.get(name, 25.0),
+        )
         results[name] = _train(engine, groups.dp_rank, groups.dp_size) | {
             "shard": SimpleNamespace(
                 tp_rank=groups.tp_rank, tp_size=groups.tp_size, ep_rank=groups.ep_rank, ep_size=groups.ep_size
@@ -210,6 +225,9 @@ def test_layout_matches_single_process(layout, world, references):
         for name, value in got["params"].items():
             want = shard_of(params_ref[name], dims[name], shard)  # type: ignore[arg-type]
             assert (value - want).abs().max().item() <= PARAM_ATOL, f"rank {rank} {name} after {STEPS} steps"
+        buckets, launched_in_backward = got["buckets"]
+        assert launched_in_backward == (buckets if LAYOUTS[layout][1].pp == 1 else 0), f"rank {rank}"
+        assert buckets > 1 or layout != "tp2-dp2"
     # Every element of every gradient was compared somewhere (replicas over dp count each time they own it).
     assert set(covered) == set(params_ref)
 

@@ -335,8 +335,8 @@ class ProcessGroupReceiver(WeightReceiver):
     ) -> None:
         if not 1 <= rank < address.world_size:
             raise InputError(f"receiver rank must be in 1..{address.world_size - 1}, got {rank}")
-        device = torch.device(device) if device is not None else _default_device(address.backend)
-        self._group = _GroupEndpoint(address, rank, None, device, timeout)
+        self.device = torch.device(device) if device is not None else _default_device(address.backend)
+        self._group = _GroupEndpoint(address, rank, None, self.device, timeout)
 
     def _recv_message(self) -> tuple[str, Any]:
         return self._group.broadcast_object()  # type: ignore[return-value]

@@ -9,7 +9,7 @@
     as a vLLM process would). The engine starts on model B; refit 1 sends A over the dedicated gloo
     group, refit 2 sends B back over shared memory (32 KiB slots: tensors span slots). After each, the
     engine's greedy outputs equal HF generate of the weights just sent.
-(c) CUDA IPC slots (GPU only).
+(c) GPU only: CUDA IPC slots (1 GPU) and an NCCL group (2 GPUs).
 """
 
 from __future__ import annotations
@@ -285,7 +285,7 @@ def test_tp2_training_world_refits_an_engine_process_over_a_group_then_shared_me
     assert got["shared_memory_version"] == 2 and got["shared_memory"] == expected[1]
 
 
-# ---- (c) CUDA IPC --------------------------------------------------------------------------------
+# ---- (c) GPU: CUDA IPC slots, NCCL group ----------------------------------------------------------
 
 
 def _cuda_ipc_receiver(address: SharedMemoryAddress, out_path: str) -> None:
@@ -310,5 +310,33 @@ def test_cuda_ipc_slots_deliver_bitwise(tmp_path) -> None:
     assert proc.exitcode == 0
     got = torch.load(tmp_path / "out.pt")
     assert got.pop("_device").startswith("cuda")
+    for name, tensor in tensors:
+        assert torch.equal(got[name], tensor.cpu()), name
+
+
+def _nccl_receiver(address: GroupAddress, out_path: str) -> None:
+    torch.cuda.set_device(1)
+    engine, receiver = _RecordingEngine(), ProcessGroupReceiver(address, timeout=TIMEOUT)
+    receive_weights(engine, receiver)
+    torch.save({n: t.cpu() for n, t in engine.weights.items()} | {"_device": str(receiver.device)}, out_path)
+    receiver.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (one NCCL rank each)")
+def test_nccl_group_delivers_bitwise(tmp_path) -> None:
+    torch.cuda.set_device(0)
+    sender = ProcessGroupSender(backend="nccl", bucket_bytes=16 << 10, timeout=TIMEOUT)
+    proc = mp.get_context("spawn").Process(
+        target=_nccl_receiver, args=(sender.address, str(tmp_path / "out.pt"))
+    )
+    proc.start()
+    tensors = [(n, t.cuda()) for n, t in _tensors(6)]
+    sender.send(tensors, 1)
+    proc.join(timeout=120)
+    sender.close()
+    assert proc.exitcode == 0
+    got = torch.load(tmp_path / "out.pt")
+    assert got.pop("_device") == "cuda:1"
     for name, tensor in tensors:
         assert torch.equal(got[name], tensor.cpu()), name

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -324,8 +325,10 @@ class Trainer:
             micro_batches, next_token_loss(self.tp_group, n_tokens.float()), self.cfg.optim.clip_grad
         )
         # An fp16 step skipped on overflow still advances the LR schedule: the LR stays a function of the
-        # step (what a resume recomputes).
-        self.scheduler.step()
+        # step (what a resume recomputes). torch warns when that happens before any optimizer.step().
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
         self.state.step += 1
         self.state.tokens_seen += int(n_tokens)
         metrics = {"train/loss": result.loss / float(n_tokens), "train/lr": lr}

@@ -10,6 +10,9 @@ At pp = 1 the engine overlaps the dp reduction with backward (each bucket launch
 backward hooks): tp2-dp2 runs with ~10 kB buckets, so several buckets must all have started before
 forward_backward returns; at pp = 2 none may start before finalize (the tied sum comes first).
 
+Before training, forward_collect's per-token losses (the way RL reads logprobs out of any layout; under cp
+gathered back to global order) must equal the single process's on the rank's micro-batches.
+
 Every layout runs STEPS optimizer steps on the same global batch sequence as the reference (each dp rank
 its contiguous share of the micro-batches). Checked: the loss of every step, the gradient norm, every
 element of every gradient after the first backward (each rank's optimizer-owned ranges: ZeRO-1 shards or
@@ -100,6 +103,16 @@ def _loss_fn(tp_group, n_tokens: torch.Tensor):
     return loss_fn
 
 
+def _token_losses(tp_group):
+    """forward_collect fn: per-token cross-entropy (B, T) of the (vocab-parallel) logits."""
+
+    def fn(logits: torch.Tensor, mb: dict[str, torch.Tensor]):
+        per_token = vocab_parallel_cross_entropy(logits, mb["labels"], tp_group)
+        return per_token.sum(), {"token_loss": per_token}
+
+    return fn
+
+
 def _full_state(config: TransformerConfig) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     return GPTModel(config).state_dict()
@@ -109,6 +122,8 @@ def _train(engine: ModelEngine, dp_rank: int, dp_size: int) -> dict[str, Any]:
     """STEPS steps on this dp rank's share; gradients of the first step, losses, norms, final params."""
     out: dict[str, Any] = {"losses": [], "norms": []}
     per_rank = MICRO_BATCHES // dp_size
+    mine = _micro_batches(0, engine.config.vocab_size)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+    out["collected"] = [o["token_loss"] for o in engine.forward_collect(mine, _token_losses(engine.tp_group))]
     for step in range(STEPS):
         global_batch = _micro_batches(step, engine.config.vocab_size)
         n_tokens = torch.stack([mb["loss_mask"].sum() for mb in global_batch]).sum()
@@ -151,7 +166,11 @@ def _layouts_world(rank: int, world_size: int) -> dict[str, Any]:
         )
         results[name] = _train(engine, groups.dp_rank, groups.dp_size) | {
             "shard": SimpleNamespace(
-                tp_rank=groups.tp_rank, tp_size=groups.tp_size, ep_rank=groups.ep_rank, ep_size=groups.ep_size
+                tp_rank=groups.tp_rank,
+                tp_size=groups.tp_size,
+                ep_rank=groups.ep_rank,
+                ep_size=groups.ep_size,
+                dp_rank=groups.dp_rank,
             )
         }
         if name == "tp2-dp2":
@@ -212,8 +231,15 @@ def test_layout_matches_single_process(layout, world, references):
     ref = references[LAYOUTS[layout][0]]
     params_ref, dims = ref["params"], ref["dims"]
     covered: dict[str, int] = {}
+    per_rank = MICRO_BATCHES // LAYOUTS[layout][1].dp
     for rank, result in enumerate(world):
         got = result[layout]
+        if got["collected"]:  # last pipeline stage
+            dp_rank = got["shard"].dp_rank
+            want = ref["collected"][dp_rank * per_rank : (dp_rank + 1) * per_rank]
+            assert len(got["collected"]) == len(want)
+            for a, b in zip(got["collected"], want, strict=True):
+                assert a.shape == (B, T) and _close(a, b, GRAD_RTOL), f"rank {rank} forward_collect"
         assert got["losses"] == pytest.approx(ref["losses"], rel=LOSS_RTOL), f"rank {rank}"
         assert got["norms"] == pytest.approx(ref["norms"], rel=LOSS_RTOL), f"rank {rank}"
         shard = got["shard"]
@@ -228,6 +254,7 @@ def test_layout_matches_single_process(layout, world, references):
         buckets, launched_in_backward = got["buckets"]
         assert launched_in_backward == (buckets if LAYOUTS[layout][1].pp == 1 else 0), f"rank {rank}"
         assert buckets > 1 or layout != "tp2-dp2"
+    assert sum(bool(r[layout]["collected"]) for r in world) == WORLD // LAYOUTS[layout][1].pp
     # Every element of every gradient was compared somewhere (replicas over dp count each time they own it).
     assert set(covered) == set(params_ref)
 

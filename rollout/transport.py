@@ -131,7 +131,16 @@ class WeightSender(ABC):
         every byte out of the transport (not necessarily loaded it yet)."""
         tensors = num_bytes = buckets = 0
         self._send_message(("begin", version))
-        for bucket in iter_buckets(named_tensors, self.bucket_bytes):
+        producing = iter(iter_buckets(named_tensors, self.bucket_bytes))
+        while True:
+            try:
+                bucket = next(producing, None)
+            except Exception as exc:
+                # The producer died (e.g. a training rank): tell the receivers, whose update fails.
+                self._send_message(("abort", f"{type(exc).__name__}: {exc}"))
+                raise
+            if bucket is None:
+                break
             meta = BucketMeta.of(bucket)
             self._send_message(("bucket", meta))
             self._send_bucket(meta, bucket)
@@ -172,6 +181,8 @@ class WeightReceiver(ABC):
             kind, payload = self._recv_message()
             if kind == "end":
                 return
+            if kind == "abort":
+                raise RuntimeError(f"weight transport: the sender aborted this refit ({payload})")
             if kind != "bucket":
                 raise RuntimeError(f"weight transport: unexpected message {kind!r} inside a refit")
             yield from unpack_bucket(payload, self._recv_bucket(payload))

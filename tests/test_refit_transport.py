@@ -3,7 +3,8 @@
 (a) Fast, one process: a sender thread and a receiver on the main thread, over a gloo group and over
     shared memory, with slots smaller than a tensor (a tensor spans chunks) and buckets smaller than a
     tensor. Every tensor arrives bitwise with its dtype and shape. An update the engine refuses still
-    drains the stream, so the sender finishes and the next refit lands.
+    drains the stream, so the sender finishes; a producer dying midway aborts the receiver's update
+    (the engine then refuses to generate); either way the next refit lands.
 (b) Across processes: a tp2 training world (gloo default group of its own) streams its gathered HF
     tensors from rank 0 to an engine process hosting a NativeEngine (which has its own default group,
     as a vLLM process would). The engine starts on model B; refit 1 sends A over the dedicated gloo
@@ -17,7 +18,7 @@ from __future__ import annotations
 import os
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,8 @@ class _RecordingEngine(GenerationEngine):
         super().__init__()
         self.weights: dict[str, torch.Tensor] = {}
 
-    max_model_len = 1
-    vocab_size = 1
+    max_model_len = 8
+    vocab_size = 8
 
     def _generate_locked(self, requests, emit, cancelled) -> None:
         raise NotImplementedError
@@ -141,12 +142,24 @@ def _pair(kind: str) -> tuple[Callable[[], WeightSender], Callable[[], WeightRec
 @pytest.mark.parametrize("kind", ["process_group", "shared_memory"])
 def test_transport_delivers_bitwise_and_survives_a_refused_update(kind: str) -> None:
     make_sender, make_receiver = _pair(kind)
-    refits = [(_tensors(1), 1), (_tensors(2) + [("reject", torch.ones(3))], 2), (_tensors(3), 3)]
+
+    def dying_producer() -> Iterator[tuple[str, torch.Tensor]]:
+        yield from _tensors(3)[:3]
+        raise ConnectionError("training rank died")
+
+    refits = [(_tensors(1), 1), (_tensors(2) + [("reject", torch.ones(3))], 2), (dying_producer(), 3)]
+    refits.append((_tensors(4), 4))
 
     def send_all() -> list[Any]:
         sender = make_sender()
+        stats = []
         try:
-            return [sender.send(tensors, version) for tensors, version in refits]
+            for tensors, version in refits:
+                try:
+                    stats.append(sender.send(tensors, version))
+                except ConnectionError:
+                    stats.append(None)
+            return stats
         finally:
             sender.close()
 
@@ -157,17 +170,21 @@ def test_transport_delivers_bitwise_and_survives_a_refused_update(kind: str) -> 
         first = dict(engine.weights)
         with pytest.raises(WeightUpdateRejected):
             receive_weights(engine, receiver)
-        assert engine.weight_version == 1 and engine.weights is not None
-        assert receive_weights(engine, receiver) == 3
+        assert engine.weight_version == 1 and all(engine.weights[n] is t for n, t in first.items())
+        with pytest.raises(RuntimeError, match="aborted .*training rank died"):
+            receive_weights(engine, receiver)
+        with pytest.raises(RuntimeError, match="mix of old and new weights"):
+            engine.generate([GenerationRequest([1], SamplingParams(max_tokens=1))])
+        assert receive_weights(engine, receiver) == 4
     finally:
         receiver.close()
     stats = join()
-    assert stats[0].num_tensors == 7 and stats[0].num_buckets >= 2
-    for weights, (sent, _) in ((first, refits[0]), (engine.weights, refits[2])):
+    assert stats[0].num_tensors == 7 and stats[0].num_buckets >= 2 and stats[2] is None
+    for weights, (sent, _) in ((first, refits[0]), (engine.weights, refits[3])):
         assert list(weights) == [n for n, _ in sent]
         for name, tensor in sent:
             assert weights[name].dtype == tensor.dtype and torch.equal(weights[name], tensor), name
-    assert engine.weight_version == 3
+    assert engine.weight_version == 4
 
 
 def test_receive_weights_rejects_a_stale_version_and_stays_in_sync() -> None:

@@ -32,8 +32,11 @@ owned gradient element on rank 3 only (tp rank 1, dp rank 1) must skip the step 
 reduces over tp x pp, then dp x cp) with the fp32 masters untouched and the scale backed off everywhere;
 the next clean step updates.
 
-The MoE layout runs without the load-balancing loss (coefficient 0): each rank balances its own tokens
-(Megatron's default), which is not the single-process global-batch value (see core/transformer/moe.py).
+The MoE layouts: ep2-edp2-zero1 runs without the load-balancing loss (coefficient 0), since each rank balances
+its own tokens (Megatron's default), which is not the single-process global-batch value (moe.py). Its
+coefficient is checked by ep2-edp2-aux-same-data: every dp rank gets the SAME micro-batches (the global token
+count is then dp times theirs), so the summed gradient must equal one process on one copy, aux loss
+included; without the engine's 1 / (dp * cp) share the router gradient would get dp times the aux term.
 """
 
 from __future__ import annotations
@@ -62,8 +65,11 @@ BUCKET_MB = {"tp2-dp2": 0.01}  # several small buckets; 25 MB (one bucket) elsew
 
 
 def _config(name: str) -> TransformerConfig:
-    config = preset(name)
-    return dataclasses.replace(config, moe_aux_loss_coeff=0.0) if config.is_moe else config
+    """preset; "+aux" keeps a MoE's load-balancing loss, else its coefficient is 0 (see the docstring)."""
+    config = preset(name.removesuffix("+aux"))
+    if config.is_moe and not name.endswith("+aux"):
+        return dataclasses.replace(config, moe_aux_loss_coeff=0.0)
+    return config
 
 
 LAYOUTS: dict[str, tuple[str, ParallelConfig]] = {
@@ -71,7 +77,10 @@ LAYOUTS: dict[str, tuple[str, ParallelConfig]] = {
     "tp2-dp2": ("llama_tiny", ParallelConfig(tp=2, dp=2)),
     "cp2-dp2-zero1": ("llama_tiny", ParallelConfig(cp=2, dp=2, distributed_optimizer=True)),
     "ep2-edp2-zero1": ("mixtral_tiny", ParallelConfig(ep=2, dp=4, distributed_optimizer=True)),
+    "ep2-edp2-aux-same-data": ("mixtral_tiny+aux", ParallelConfig(ep=2, dp=4, distributed_optimizer=True)),
 }
+SAME_DATA = {"ep2-edp2-aux-same-data"}  # every dp rank trains on the first SAME_DATA_MB micro-batches
+SAME_DATA_MB = 2
 
 
 def _micro_batches(step: int, vocab: int) -> list[dict[str, torch.Tensor]]:
@@ -118,16 +127,23 @@ def _full_state(config: TransformerConfig) -> dict[str, torch.Tensor]:
     return GPTModel(config).state_dict()
 
 
-def _train(engine: ModelEngine, dp_rank: int, dp_size: int) -> dict[str, Any]:
+def _share(global_batch: list, dp_rank: int, dp_size: int, same_data: bool) -> list:
+    if same_data:
+        return global_batch[:SAME_DATA_MB]
+    per_rank = len(global_batch) // dp_size
+    return global_batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+
+
+def _train(engine: ModelEngine, dp_rank: int, dp_size: int, same_data: bool = False) -> dict[str, Any]:
     """STEPS steps on this dp rank's share; gradients of the first step, losses, norms, final params."""
     out: dict[str, Any] = {"losses": [], "norms": []}
-    per_rank = MICRO_BATCHES // dp_size
-    mine = _micro_batches(0, engine.config.vocab_size)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+    mine = _share(_micro_batches(0, engine.config.vocab_size), dp_rank, dp_size, same_data)
     out["collected"] = [o["token_loss"] for o in engine.forward_collect(mine, _token_losses(engine.tp_group))]
     for step in range(STEPS):
         global_batch = _micro_batches(step, engine.config.vocab_size)
-        n_tokens = torch.stack([mb["loss_mask"].sum() for mb in global_batch]).sum()
-        mine = global_batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        mine = _share(global_batch, dp_rank, dp_size, same_data)
+        scored = mine * dp_size if same_data else global_batch
+        n_tokens = torch.stack([mb["loss_mask"].sum() for mb in scored]).sum()
         per_mb = engine.forward_backward(mine, _loss_fn(engine.tp_group, n_tokens))
         if step == 0:
             out["buckets"] = (engine.ddp.num_buckets, engine.ddp.num_buckets_launched)
@@ -164,7 +180,7 @@ def _layouts_world(rank: int, world_size: int) -> dict[str, Any]:
             _full_state(config),
             bucket_size_mb=BUCKET_MB.get(name, 25.0),
         )
-        results[name] = _train(engine, groups.dp_rank, groups.dp_size) | {
+        results[name] = _train(engine, groups.dp_rank, groups.dp_size, name in SAME_DATA) | {
             "shard": SimpleNamespace(
                 tp_rank=groups.tp_rank,
                 tp_size=groups.tp_size,
@@ -211,14 +227,14 @@ def world() -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def references() -> dict[str, dict[str, Any]]:
-    """The single-process engine per model (the same for every layout of one model)."""
+    """The single-process engine per (model, same data), shared by the layouts of one model."""
     out = {}
-    for model in {m for m, _ in LAYOUTS.values()}:
-        config = _config(model)
+    for key in {(m, name in SAME_DATA) for name, (m, _) in LAYOUTS.items()}:
+        config = _config(key[0])
         engine = ModelEngine(config, ParallelConfig(), OPTIM, None, torch.device("cpu"), _full_state(config))
-        ref = _train(engine, 0, 1)
+        ref = _train(engine, 0, 1, key[1])
         ref["full_grads"] = {n: g for n, _, _, g in ref["grads"]}  # whole params: lo = 0, hi = numel
-        out[model] = ref
+        out[key] = ref
     return out
 
 
@@ -228,15 +244,14 @@ def _close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> bool:
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(layout, world, references):
-    ref = references[LAYOUTS[layout][0]]
+    same_data = layout in SAME_DATA
+    ref = references[LAYOUTS[layout][0], same_data]
     params_ref, dims = ref["params"], ref["dims"]
     covered: dict[str, int] = {}
-    per_rank = MICRO_BATCHES // LAYOUTS[layout][1].dp
     for rank, result in enumerate(world):
         got = result[layout]
         if got["collected"]:  # last pipeline stage
-            dp_rank = got["shard"].dp_rank
-            want = ref["collected"][dp_rank * per_rank : (dp_rank + 1) * per_rank]
+            want = _share(ref["collected"], got["shard"].dp_rank, LAYOUTS[layout][1].dp, same_data)
             assert len(got["collected"]) == len(want)
             for a, b in zip(got["collected"], want, strict=True):
                 assert a.shape == (B, T) and _close(a, b, GRAD_RTOL), f"rank {rank} forward_collect"

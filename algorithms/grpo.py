@@ -7,9 +7,18 @@ WeightSync, Environment): `build_components` makes in-process ones for a single 
 worker groups with the same methods for a cluster.
 
 Batch (`build_batch`): prompt + response right-padded to T; token-aligned tensors, value[:, t] belongs to
-input_ids[:, t] (position 0 is always 0). The sampler's logprobs ride along so that every step logs the
-logprob gap |trainer - sampler| on the response tokens: ~1e-6 in fp32 when refit is right, O(0.1-1)
-when the generator samples from other weights than the trainer scores (the classic refit bug).
+input_ids[:, t] (position 0 is always 0).
+
+Two kinds of logprobs (at sampling temperature T):
+    sampler_logprobs      what the engine returns: RAW, log_softmax(logits) whatever T (vLLM's
+                          raw_logprobs); used only for the logprob-gap metric
+    old_logprobs, ref_logprobs and the trainer's new logprobs
+                          TEMPERED, log_softmax(logits / T) (verl's convention): the PPO ratio and the KL
+                          compare the distributions the samples were drawn from
+At T = 1 both are the same quantity and every step logs the gap |trainer - sampler| on the response
+tokens: ~1e-6 in fp32 when refit is right, O(0.1-1) when the generator samples from other weights than
+the trainer scores (the classic refit bug). At T != 1 the gap is not logged (a raw and a tempered logprob
+differ by design; check refit with a T = 1 run).
 """
 
 from __future__ import annotations
@@ -340,11 +349,15 @@ class GRPOTrainer:
         rollouts.scores = self.parts.environment.score(completions_of(rollouts, decode))
 
     def logprobs(self, batch: Batch) -> dict[str, float]:
-        """Phase 5: old (policy) and reference logprobs on the batch; returns the logprob-gap metrics."""
+        """Phase 5: old (policy) and reference logprobs on the batch, at the sampling temperature, from the
+        weights the samples were drawn with (before this step's updates); returns the logprob-gap metrics
+        (T = 1 only: see the module docstring)."""
         out = self.parts.policy.logprobs(batch)
         batch["old_logprobs"] = out["logprobs"]
         if self.parts.reference is not None:
             batch["ref_logprobs"] = self.parts.reference.logprobs(batch)["logprobs"]
+        if self.cfg.rollout.temperature != 1.0:
+            return {}
         return logprob_gap(batch["old_logprobs"], batch["sampler_logprobs"], batch["response_mask"])
 
     def advantages(self, batch: Batch) -> None:
@@ -599,17 +612,34 @@ def build_policy(cfg: GRPOConfig, model: Any, device: torch.device) -> Any:
     total = cfg.train.max_steps * cfg.optimizer_steps_per_step
     dtype = param_dtype(cfg.precision, device)
     return InProcessPolicy(
-        model, cfg.optim, cfg.algorithm.loss, cfg.train.micro_batch_size, total, device, dtype
+        model,
+        cfg.optim,
+        cfg.algorithm.loss,
+        cfg.train.micro_batch_size,
+        total,
+        device,
+        dtype,
+        temperature=logprob_temperature(cfg),
     )
 
 
+def logprob_temperature(cfg: GRPOConfig) -> float:
+    """The temperature trainer and reference logprobs are computed at: the sampling one (1 for greedy)."""
+    return cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+
+
 def needs_reference(cfg: GRPOConfig) -> bool:
+    """A reference model is built (and its logprobs computed every step) only for a KL penalty."""
     return cfg.algorithm.loss.kl_coef > 0
 
 
 def build_reference(cfg: GRPOConfig, model: Any, device: torch.device) -> Any:
-    """The initial policy, frozen (only its logprobs are used)."""
-    return build_policy(cfg, model, device)
+    """The initial policy, frozen: forward only, no optimizer state or gradient buffers."""
+    from algorithms.inprocess_policy import FrozenReference
+    from algorithms.pretrain import param_dtype
+
+    dtype = param_dtype(cfg.precision, device)
+    return FrozenReference(model, cfg.train.micro_batch_size, device, dtype, logprob_temperature(cfg))
 
 
 def build_generator(

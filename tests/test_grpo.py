@@ -245,6 +245,106 @@ def test_logprob_gap_is_zero_after_refit_and_large_without(pretrained):
     assert gap(separate)[0]["rollout/logprob_gap_max"] < 1e-4
 
 
+def sampled_batch(hf: Path, cfg, policy, seed: int = 5) -> dict[str, torch.Tensor]:
+    """A scored batch of samples from the policy's own weights (colocated engine), with advantages."""
+    from algorithms.evaluation import encode_prompt
+    from core.data.tokenizer import load_tokenizer
+    from rollout.engines.native import NativeEngine
+    from rollout.environments import build_environment
+
+    tok = load_tokenizer(hf)
+    prompts = ["12+34=", "5+7=", "40+2=", "9+9="]
+    ids = [encode_prompt(tok, p) for p in prompts]
+    engine = NativeEngine(
+        policy.generation_model(), tokenizer=tok, max_model_len=16, eos_token_ids=[tok.eos_token_id]
+    )
+    results = engine.generate(sampling_requests(ids, cfg.rollout, seed=seed))
+    texts = [[tok.decode(s.token_ids, skip_special_tokens=True) for s in r.samples] for r in results]
+    env = build_environment("arithmetic", format_reward=0.5)
+    scores = env.score([Completion(p, t, "stop") for p, ts in zip(prompts, texts) for t in ts])
+    batch = build_batch(results, scores)
+    return batch | {"advantages": advantages_of(batch, cfg.algorithm)}
+
+
+def tiny_cfg(hf: Path, lr: float = 1e-2, kl_coef: float = 0.1, **rollout) -> GRPOConfig:
+    return GRPOConfig(
+        model={"init_from": str(hf)},
+        rollout={"n": 4, "prompts_per_step": 4, "max_tokens": 4, **rollout},
+        train={"global_batch_size": 16, "micro_batch_size": 8},
+        optim={"lr": lr, "min_lr": lr},
+        algorithm={"loss": {"kl_coef": kl_coef}},
+    )
+
+
+def test_one_step_climbs_the_surrogate_objective(pretrained):
+    """The sign and placement of the whole update (advantages on the response tokens, ppo_clip, old
+    logprobs from the sampling weights): a small step raises sum(advantage * logprob) over the response
+    tokens, the objective whose gradient the policy gradient is, and lowers the worse samples."""
+    from algorithms.grpo import build_policy
+    from algorithms.rl_inputs import load_init_model
+
+    hf = pretrained / "hf"
+    cfg = tiny_cfg(hf, lr=1e-4, kl_coef=0.0)
+    policy = build_policy(cfg, load_init_model(resolve_init(hf)), torch.device("cpu"))
+    batch = sampled_batch(hf, cfg, policy)
+    mask, advantages = batch["response_mask"], batch["advantages"]
+    negative = (advantages * mask).sum(-1) < 0
+    assert negative.any() and (advantages > 0).any()
+    batch["old_logprobs"] = policy.logprobs(batch)["logprobs"]
+    policy.train({k: v for k, v in batch.items() if k not in ("sampler_logprobs", "rewards", "correct")})
+    change = (policy.logprobs(batch)["logprobs"] - batch["old_logprobs"]) * mask  # (B, T)
+    assert (advantages * change).sum() > 0
+    assert change.sum(-1)[negative].mean() < 0
+
+
+def test_frozen_reference_and_tempered_logprobs(pretrained):
+    """Reference: forward only (no grads, no optimizer), equal to the initial policy and unmoved by training.
+    At sampling temperature T the policy's and reference's logprobs are log_softmax(logits / T); the
+    sampler's stay raw (equal to the policy's at T = 1, checked in the refit test above)."""
+    from algorithms.grpo import build_policy, build_reference
+    from algorithms.rl_inputs import load_init_model
+
+    hf = pretrained / "hf"
+    cfg = tiny_cfg(hf, temperature=0.5)
+    model = load_init_model(resolve_init(hf))
+    policy = build_policy(cfg, model, torch.device("cpu"))
+    reference = build_reference(cfg, model, torch.device("cpu"))
+    assert all(not p.requires_grad for p in reference.model.parameters())
+
+    batch = sampled_batch(hf, cfg, policy)
+    mask = batch["response_mask"].bool()
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        logits = model(ids)[:, :-1].double()
+    tempered = torch.log_softmax(logits / 0.5, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    raw = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    trainer = policy.logprobs(batch)["logprobs"]
+    ref = reference.logprobs(batch)["logprobs"]
+    assert torch.allclose(trainer[:, 1:][mask[:, 1:]].double(), tempered[mask[:, 1:]], atol=1e-5)
+    assert torch.allclose(ref[mask], trainer[mask], atol=1e-5)
+    assert torch.allclose(batch["sampler_logprobs"][:, 1:][mask[:, 1:]].double(), raw[mask[:, 1:]], atol=1e-4)
+    assert not torch.allclose(trainer[mask].double(), batch["sampler_logprobs"][mask].double(), atol=1e-2)
+
+    batch |= {"old_logprobs": trainer, "ref_logprobs": ref}
+    metrics = policy.train(
+        {k: v for k, v in batch.items() if k not in ("sampler_logprobs", "rewards", "correct")}
+    )
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)  # first step: policy == reference
+    assert torch.equal(reference.logprobs(batch)["logprobs"], ref)
+    assert not torch.allclose(policy.logprobs(batch)["logprobs"][mask], ref[mask], atol=1e-4)
+    assert all(p.grad is None for p in reference.model.parameters())
+
+
+def test_reference_only_with_a_kl_penalty(pretrained):
+    from algorithms.grpo import build_components, check_inputs
+
+    hf = pretrained / "hf"
+    for kl_coef, has_ref in ((0.0, False), (0.1, True)):
+        cfg = tiny_cfg(hf, kl_coef=kl_coef)
+        parts, _ = build_components(cfg, check_inputs(cfg), torch.device("cpu"))
+        assert (parts.reference is not None) == has_ref
+
+
 def test_rl_grpo_end_to_end_then_resume_gives_the_same_continuation(pretrained, tmp_path):
     from core.bridge import load_hf
     from core.utils.metrics import read_metrics

@@ -93,8 +93,11 @@ class ClusterRunError(RuntimeError):
     def __init__(self, error: WorkerGroupError, restarts: int, resume: str) -> None:
         self.role, self.rank = error.role, error.rank
         reason = str(error).split("; rerun the same command")[0]
-        used = f"after {restarts} restart(s); " if restarts else ""
-        super().__init__(f"grpo stopped: {reason} ({used}failure.max_restarts reached). To resume: {resume}")
+        if not error.recoverable:
+            why = "an error in the worker's code: a restart would repeat it"
+        else:
+            why = f"{restarts} restart(s) used, failure.max_restarts reached"
+        super().__init__(f"grpo stopped: {reason} ({why}). To resume: {resume}")
 
 
 class ClusterRun:

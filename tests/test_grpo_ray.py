@@ -1,0 +1,303 @@
+"""GRPO on a real local Ray cluster (CPU, gloo; one cluster for the module, 4 logical CPUs).
+
+- parity: a tp2 policy worker group (2 gloo ranks) through RayPolicy gives the single process's
+  logprobs, train metrics and updated weights on the same batch;
+- colocated: run_grpo_cluster, dp2 policy hosting the native engines on its own parameters + a dp2
+  reference, one full step (refit, generate, score, logprobs, train), eval, checkpoint, hf/ export;
+- disaggregated: tp2 policy pool + one native engine replica in its own pool, refit over a gloo weight
+  transport: after a training step the engine's greedy output and logprobs equal those of an engine
+  built from the policy's weights;
+- failures: a policy actor killed mid-run stops the run with one message naming the role, the rank and
+  how to resume (max_restarts=0), and the same command then resumes; with max_restarts=1 the run
+  restarts from the newest checkpoint by itself and completes.
+
+The tiny model is a random Llama (hidden 64, 2 layers, 2 heads) saved as an HF directory with the char
+tokenizer. Tolerances (fp32): see `test_tp2_policy_group_matches_single_process`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from core.config import OptimConfig, ParallelConfig
+from core.parallel.dims import ParallelDims
+from rl.cluster import ResourcePool, WorkerGroup, init_ray, shutdown_ray
+
+pytestmark = pytest.mark.slow
+
+CALL_TIMEOUT_S = 120.0
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    for attempt in range(3):  # an overloaded 2-core machine can make a local start time out
+        try:
+            init_ray(num_cpus=4, object_store_memory=256 * 1024**2)
+            break
+        except Exception:
+            shutdown_ray()
+            if attempt == 2:
+                raise
+    yield
+    shutdown_ray()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """A random tiny Llama with the char tokenizer as an HF directory (2 kv heads: tp2 splits them)."""
+    from core.bridge import save_hf
+    from core.data.synthetic import save_char_tokenizer
+    from core.models import preset
+    from core.transformer.model import GPTModel
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok_dir = save_char_tokenizer(root / "tokenizer")
+    config = dataclasses.replace(
+        preset("llama_tiny"),
+        vocab_size=64,
+        hidden_size=64,
+        num_layers=2,
+        num_attention_heads=2,
+        num_kv_heads=2,
+        head_dim=None,
+        ffn_hidden_size=128,
+        max_position_embeddings=32,
+        init_std=0.1,
+    )
+    torch.manual_seed(0)
+    save_hf(GPTModel(config), root / "hf", tokenizer_dir=tok_dir)
+    return root / "hf"
+
+
+# ---- parity ----------------------------------------------------------------------------------------------
+
+
+def rl_batch(seed: int = 0, B: int = 8, T: int = 12) -> dict[str, torch.Tensor]:
+    """Right-padded rows (prompts 2-5 tokens, responses 3-6) with advantages and off-policy old logprobs."""
+    g = torch.Generator().manual_seed(seed)
+    ids, mask = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T)
+    for b in range(B):
+        prompt, response = 2 + b % 4, 3 + b % 4
+        ids[b, : prompt + response] = torch.randint(4, 64, (prompt + response,), generator=g)
+        mask[b, prompt : prompt + response] = 1
+    advantages = torch.randn(B, 1, generator=g).expand(B, T) * mask
+    old = -3.0 * mask + 0.3 * torch.randn(B, T, generator=g) * mask
+    return {
+        "input_ids": ids,
+        "response_mask": mask,
+        "advantages": advantages.contiguous(),
+        "old_logprobs": old,
+    }
+
+
+def close(got, want, tol: float) -> None:
+    """|got - want| <= tol * (1 + |want|) elementwise."""
+    got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
+    assert got.shape == want.shape
+    excess = float(((got - want).abs() - tol * (1 + want.abs())).max())
+    assert excess <= 0, f"off by {excess:.3g} beyond the tolerance"
+
+
+def test_tp2_policy_group_matches_single_process(ray_cluster, hf_dir: Path) -> None:
+    """fp32: tp splits the matmuls and the vocabulary sums (~1e-7 relative): 1e-5 on logprobs and metrics.
+    AdamW with eps=1 makes the first update lr * g / (|g| + 1), smooth in g, so weights agree to 1e-6
+    while lr=1 moves them by ~1e-3 and more (as in tests/test_policy_model.py)."""
+    from algorithms.policy import PolicyLossConfig
+    from rl.workers import PolicySpec, PolicyWorker, RayPolicy
+
+    optim = OptimConfig(lr=1.0, min_lr=0.0, weight_decay=0.0, eps=1.0, clip_grad=0.0, decay="constant")
+    spec = PolicySpec(
+        init_from=str(hf_dir),
+        parallel=ParallelConfig(tp=2),
+        loss=PolicyLossConfig(clip_high=0.28, entropy_coef=0.01),
+        optim=optim,
+        micro_batch_size=3,
+        total_optimizer_steps=4,
+    )
+    single = PolicyWorker(dataclasses.replace(spec, parallel=ParallelConfig()))
+    single.rank = 0
+    single.setup()  # in-process, no groups: the single-process reference
+    pool = ResourcePool(1, {"CPU": 1}, name="parity")
+    group = WorkerGroup(
+        PolicyWorker,
+        pool,
+        2,
+        ParallelDims(tp=2, world_size=2),
+        (spec,),
+        name="policy",
+        timeout_s=CALL_TIMEOUT_S,
+    )
+    try:
+        policy = RayPolicy(group)
+        batch = rl_batch()
+        got, want = policy.logprobs(batch, with_entropy=True), single.logprobs(batch, with_entropy=True)
+        for key in ("logprobs", "entropy"):
+            close(got[key], want[key], 1e-5)
+        before = dict(policy.hf_weights())
+        got_metrics, want_metrics = policy.train(batch), single.train(batch)
+        assert got_metrics.keys() == want_metrics.keys()
+        for key, value in want_metrics.items():
+            close(got_metrics[key], value, 1e-5)
+        after, want_after = dict(policy.hf_weights()), single.hf_state()
+        assert after.keys() == want_after.keys()
+        for name, tensor in want_after.items():
+            close(after[name], tensor, 1e-6)
+        assert max((after[n] - before[n]).abs().max() for n in after) > 1e-3  # the step moved them
+    finally:
+        group.shutdown()
+        pool.remove()
+
+
+# ---- GRPO runs -------------------------------------------------------------------------------------------
+
+
+def grpo_config(hf_dir: Path, run_dir: Path, **sections):
+    from rl.grpo_cluster import ClusterGRPOConfig
+
+    base = {
+        "run": {"dir": str(run_dir)},
+        "model": {"init_from": str(hf_dir)},
+        "train": {
+            "max_steps": 1,
+            "global_batch_size": 8,
+            "micro_batch_size": 4,
+            "log_every": 1,
+            "progress_bar": False,
+            "device": "cpu",
+        },
+        "optim": {"lr": 1e-2, "min_lr": 1e-2},
+        "data": {"synthetic": {"n_train": 32, "n_eval": 4}},
+        "rollout": {"prompts_per_step": 2, "n": 4, "max_tokens": 4},
+        "environment": {"format_reward": 0.5},
+        "eval": {"num_prompts": 4},
+        "failure": {"call_timeout_s": CALL_TIMEOUT_S, "restart_timeout_s": CALL_TIMEOUT_S},
+    }
+    for section, values in sections.items():
+        base[section] = {**base.get(section, {}), **values}
+    return ClusterGRPOConfig(**base)
+
+
+def test_colocated_grpo_step_end_to_end(ray_cluster, hf_dir: Path, tmp_path: Path) -> None:
+    from core.bridge import load_hf
+    from core.utils.metrics import read_metrics
+    from rl.grpo_cluster import run_grpo_cluster
+
+    cfg = grpo_config(
+        hf_dir,
+        tmp_path / "run",
+        parallel={"dp": 2},
+        placement={"mode": "colocated", "num_bundles": 2},
+        algorithm={"loss": {"kl_coef": 0.01}},  # a reference group too
+    )
+    metrics = run_grpo_cluster(cfg)
+    for key in ("reward/mean", "train/loss", "train/kl", "train/grad_norm", "eval/accuracy", "time/refit"):
+        assert key in metrics, key
+    # generation split over the dp shards used the policy's own parameters: trainer == sampler
+    assert metrics["rollout/logprob_gap_max"] < 1e-4
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1]
+    assert (tmp_path / "run" / "checkpoints" / "step_1").is_dir()
+    load_hf(tmp_path / "run" / "hf")
+
+
+def test_disaggregated_refit_moves_the_weights(ray_cluster, hf_dir: Path, tmp_path: Path) -> None:
+    from algorithms.grpo import GRPOTrainer, sampling_requests, write_hf
+    from rl.grpo_cluster import ClusterRun
+    from rollout.engines.native import NativeEngine
+
+    cfg = grpo_config(
+        hf_dir,
+        tmp_path / "run",
+        parallel={"tp": 2},
+        placement={"mode": "disaggregated", "pools": {"policy": 1, "generation": 1}},
+        train={"max_steps": 2},
+        algorithm={"loss": {"entropy_coef": 0.01}},  # a gradient even if every reward is the same
+    )
+    run = ClusterRun(cfg)
+    run.start()
+    try:
+        trainer = GRPOTrainer(cfg, run.parts, run.inputs.train_rows, run.inputs.eval_rows)
+        first, second = trainer.step(), trainer.step()
+        assert first["train/grad_norm"] > 0 and first["rollout/logprob_gap_max"] < 1e-4
+        # step 2 sampled after a refit of step 1's update: the engine held the trained weights
+        assert second["rollout/logprob_gap_max"] < 1e-4
+        trainer.refit()
+        assert run.parts.generator.weight_version == 3
+        requests = sampling_requests(trainer.encode(run.inputs.eval_rows), cfg.rollout, 0, greedy=True)
+        remote = run.parts.generator.generate(requests)
+        write_hf(run.parts.policy.hf_weights(), run.parts.policy.model_config(), tmp_path / "hf", None)
+        local = NativeEngine(
+            model_dir=tmp_path / "hf", max_model_len=32, eos_token_ids=[run.inputs.tokenizer.eos_token_id]
+        ).generate(requests)
+        for r, ref in zip(remote, local, strict=True):
+            assert r.samples[0].token_ids == ref.samples[0].token_ids
+            close(r.samples[0].logprobs, ref.samples[0].logprobs, 1e-5)
+        initial = NativeEngine(model_dir=hf_dir, max_model_len=32).generate(requests)
+        assert any(  # ... and those differ from the initial weights' (the refit was not a no-op)
+            abs(a - b) > 1e-3
+            for r, i in zip(remote, initial)
+            for a, b in zip(r.samples[0].logprobs, i.samples[0].logprobs)
+        )
+    finally:
+        run.shutdown()
+
+
+class KillOnScore:
+    """Wraps the environment: at the `at`-th score call, kills policy rank `rank` (as an OOM kill or a
+    lost node would), then scores as usual; the next call to the policy finds the rank dead."""
+
+    def __init__(self, run, at: int, rank: int = 1) -> None:
+        self.run, self.at, self.rank, self.calls = run, at, rank, 0
+        self.inner = run.parts.environment
+
+    def score(self, completions):
+        self.calls += 1
+        if self.calls == self.at:
+            ray.kill(self.run.groups["policy"].actors[self.rank], no_restart=True)
+        return self.inner.score(completions)
+
+
+def run_with_kill(cfg, at: int):
+    import dataclasses as dc
+
+    from rl.grpo_cluster import ClusterRun
+
+    run = ClusterRun(cfg, resume_command="rl grpo cfg.yaml run.dir=RUN")
+    run.start()
+    run.parts = dc.replace(run.parts, environment=KillOnScore(run, at))
+    return run, run.run
+
+
+def test_killed_policy_rank_stops_cleanly_then_resumes_and_restarts(
+    ray_cluster, hf_dir: Path, tmp_path: Path
+) -> None:
+    from core.utils.metrics import read_metrics
+    from rl.grpo_cluster import ClusterRunError
+
+    run_dir = tmp_path / "run"
+    sections = dict(
+        parallel={"dp": 2},
+        placement={"mode": "colocated", "num_bundles": 2},
+        train={"max_steps": 3, "save_every": 1, "keep_last": 5},
+    )
+    cfg = grpo_config(hf_dir, run_dir, **sections)
+    run, fit = run_with_kill(cfg, at=2)  # during step 2, after step_1 was saved
+    with pytest.raises(ClusterRunError) as failure:
+        fit()
+    message = str(failure.value)
+    assert "'policy' rank 1" in message and "To resume: rl grpo cfg.yaml run.dir=RUN" in message
+    assert "\n" not in message and not run.groups  # one line; every actor released
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_1"]  # nothing half written
+
+    # the same run directory again, with a restart allowed, killed again in (its first) step 2
+    cfg = grpo_config(hf_dir, run_dir, **sections, failure={"max_restarts": 1})
+    run, fit = run_with_kill(cfg, at=1)
+    metrics = fit()
+    assert run.restarts == 1 and metrics["rollout/logprob_gap_max"] < 1e-4
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_1", "step_2", "step_3"]
+    assert (run_dir / "hf" / "model.safetensors").is_file()

@@ -18,6 +18,7 @@ directory owned by the engine and the workers `reload_weights(weights_path=...)`
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -46,7 +47,10 @@ class VLLMEngine(GenerationEngine):
     in_process=True runs vLLM in this process (`distributed_executor_backend="uni"`): ~5 s to
     start, tensor_parallel_size 1 only, but it seeds nothing of ours (we restore the global RNG)
     and makes `torch.set_num_threads` a no-op for the process. in_process=False runs the engine
-    core and workers in child processes (needed for tensor_parallel_size > 1).
+    core and workers in child processes (needed for tensor_parallel_size > 1). On CPU, vLLM binds
+    each TP worker's threads to a NUMA node of its own and refuses TP > NUMA nodes; unless
+    VLLM_CPU_OMP_THREADS_BIND is set, we then split this process's CPUs between the workers instead
+    (TP needs at least one CPU per worker).
     kv_cache_gib sizes the KV cache explicitly (required on CPU); None leaves it to
     gpu_memory_utilization (GPU). The environment variable VLLM_CPU_KVCACHE_SPACE, when set,
     overrides kv_cache_gib on CPU.
@@ -88,7 +92,8 @@ class VLLMEngine(GenerationEngine):
             llm_kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
         self._in_process = in_process
         self._sleep_mode = enable_sleep_mode
-        self._llm = _build_llm(self._model_dir, in_process=in_process, **llm_kwargs)
+        with _cpu_thread_binding(tensor_parallel_size):
+            self._llm = _build_llm(self._model_dir, in_process=in_process, **llm_kwargs)
         self._engine = self._llm.llm_engine
         model_config = self._engine.model_config
         self._max_model_len = int(model_config.max_model_len)
@@ -280,6 +285,36 @@ def _select_executor_mode(in_process: bool) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
     if envs._is_envs_cache_enabled():
         envs.disable_envs_cache()
+
+
+@contextlib.contextmanager
+def _cpu_thread_binding(tensor_parallel_size: int) -> Iterator[None]:
+    """On a CPU platform with fewer NUMA nodes than TP workers (where vLLM's automatic binding fails
+    with "Not enough allowed NUMA nodes to bind threads"), bind worker i to the i-th contiguous share
+    of this process's CPUs through VLLM_CPU_OMP_THREADS_BIND for the engine's start. A binding set by
+    the user is kept."""
+    if tensor_parallel_size == 1 or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
+        yield
+        return
+    import vllm.utils.cpu_resource_utils as cpu_resources
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or len(cpu_resources.get_visible_memory_node()) >= tensor_parallel_size:
+        yield
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < tensor_parallel_size:
+        raise InputError(
+            f"tensor_parallel_size={tensor_parallel_size} on CPU needs a CPU per worker; this process may "
+            f"use {len(cpus)} ({cpus})"
+        )
+    n, tp = len(cpus), tensor_parallel_size
+    shares = [cpus[n * i // tp : n * (i + 1) // tp] for i in range(tp)]  # e.g. 2 CPUs, tp 2: "0|1"
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, share)) for share in shares)
+    try:
+        yield
+    finally:
+        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND")
 
 
 def _build_llm(model_dir: Path, *, in_process: bool, **llm_kwargs: Any) -> Any:

@@ -64,6 +64,11 @@ def _register_refit(kinds: argparse._SubParsersAction) -> None:
     r.add_argument("--bucket-mb", type=int, default=256, help="refit bucket size in MiB")
     r.add_argument("--engine", choices=["native", "vllm"], default="native")
     r.add_argument("--repeats", type=int, default=3, help="timed refits after one untimed")
+    r.add_argument(
+        "--transport",
+        default="same-process",
+        help="comma list of same-process, shm, process-group (the last two refit an engine in another process)",
+    )
     r.set_defaults(func=run_refit)
 
 
@@ -105,13 +110,24 @@ def run_refit(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
+    from core.errors import InputError
     from core.models import preset
-    from rl.bench.refit import format_table, run_refit_bench
+    from rl.bench.refit import TRANSPORTS, format_table, run_refit_bench
 
+    transports = tuple(t.strip() for t in args.transport.split(",") if t.strip())
+    if unknown := [t for t in transports if t not in TRANSPORTS]:
+        raise InputError(f"--transport: unknown {', '.join(unknown)}; choose from {', '.join(TRANSPORTS)}")
     device, dtype, where = _device_and_dtype(args)
     with tempfile.TemporaryDirectory(prefix="tandem-bench-refit-") as workdir:
         results = run_refit_bench(
-            preset(args.preset), args.engine, device, dtype, args.bucket_mb << 20, Path(workdir), args.repeats
+            preset(args.preset),
+            args.engine,
+            device,
+            dtype,
+            args.bucket_mb << 20,
+            Path(workdir),
+            args.repeats,
+            transports=transports,
         )
     print(f"refit bench: {args.preset}, {where}, mean of {args.repeats} after one untimed")
     print(format_table(results))

@@ -115,6 +115,13 @@ class AlgorithmConfig(Schema):
 class EvalConfig(Schema):
     num_prompts: int = Field(100, ge=1, description="held-out prompts scored greedily at each evaluation")
     max_tokens: int | None = Field(None, ge=1, description="None: rollout.max_tokens")
+    samples: int = Field(
+        0,
+        ge=0,
+        description="also sample this many responses per held-out prompt at rollout.temperature (the same "
+        "seeds at every evaluation) and log eval/sampled_accuracy, the held-out twin of reward/accuracy "
+        "without the per-step prompt noise; 0: greedy only",
+    )
 
 
 class GRPOConfig(Schema):
@@ -404,22 +411,33 @@ class GRPOTrainer:
         if not self.eval_rows:
             return {}
         self.refit()
+        greedy = self._eval_scores(greedy=True)
+        n = max(1, len(greedy))
+        metrics = {
+            "eval/accuracy": sum(s.correct for s in greedy) / n,
+            "eval/reward": sum(s.reward for s in greedy) / n,
+        }
+        if self.cfg.eval.samples > 0:
+            sampled = self._eval_scores(greedy=False)
+            metrics["eval/sampled_accuracy"] = sum(s.correct for s in sampled) / max(1, len(sampled))
+        return metrics
+
+    def _eval_scores(self, greedy: bool) -> list[Score]:
         rollouts = Rollouts(list(self.eval_rows), self.encode(self.eval_rows))
         eval_cfg = self.cfg.rollout.model_copy(
-            update={"max_tokens": self.cfg.eval.max_tokens or self.cfg.rollout.max_tokens}
+            update={
+                "max_tokens": self.cfg.eval.max_tokens or self.cfg.rollout.max_tokens,
+                "n": max(1, self.cfg.eval.samples),
+            }
         )
         self.parts.generator.wake_up()
         rollouts.results = self.parts.generator.generate(
-            sampling_requests(rollouts.prompt_ids, eval_cfg, 0, True)
+            sampling_requests(rollouts.prompt_ids, eval_cfg, 0, greedy)
         )
         if self.parts.colocated:
             self.parts.generator.sleep()
         self.score(rollouts)
-        n = max(1, len(rollouts.scores))
-        return {
-            "eval/accuracy": sum(s.correct for s in rollouts.scores) / n,
-            "eval/reward": sum(s.reward for s in rollouts.scores) / n,
-        }
+        return rollouts.scores
 
     def save(self) -> Path:
         """checkpoints/step_N, atomically: policy (weights, optimizer, schedule) + driver state, written
@@ -696,4 +714,11 @@ def run_grpo(cfg: GRPOConfig) -> dict[str, float]:
     return metrics
 
 
-PLOTTED = ("reward/mean", "reward/accuracy", "eval/accuracy", "train/kl", "rollout/logprob_gap_max")
+PLOTTED = (
+    "reward/mean",
+    "reward/accuracy",
+    "eval/accuracy",
+    "eval/sampled_accuracy",
+    "train/kl",
+    "rollout/logprob_gap_max",
+)

@@ -141,6 +141,9 @@ class ClusterRun:
         try:
             self._build_groups(self._place())
             self.parts = self._components()
+        except WorkerGroupError as error:  # a worker died or hung while starting
+            self.shutdown()
+            raise ClusterRunError(error, 0, self.resume_command) from error
         except BaseException:
             self.shutdown()
             raise

@@ -45,16 +45,3 @@ class PolicySpec:
     seed: int = 0
     temperature: float = 1.0
     engine: EngineSpec | None = None  # colocated generation on the policy's own parameters
-
-
-@dataclass(frozen=True)
-class CriticSpec:
-    """A value model: the policy's architecture with a one-output head, trained with the value loss."""
-
-    init_from: str
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    micro_batch_size: int = 8
-    total_optimizer_steps: int = 1
-    clip_range: float | None = 0.2  # value clipping around the old values (PPO); None: plain MSE
-    seed: int = 0

@@ -172,6 +172,7 @@ class ClusterRun:
         return placed
 
     def _policy_spec(self, with_engine: bool) -> Any:
+        from algorithms.grpo import logprob_temperature
         from algorithms.policy import PolicyLossConfig
         from rl.workers import PolicySpec
 
@@ -185,6 +186,7 @@ class ClusterRun:
             micro_batch_size=cfg.train.micro_batch_size,
             total_optimizer_steps=cfg.train.max_steps * cfg.optimizer_steps_per_step,
             seed=cfg.train.seed,
+            temperature=logprob_temperature(cfg),  # trainer / reference logprobs at the sampling one
             engine=self._engine_spec() if with_engine else None,
         )
 

@@ -3,13 +3,20 @@ VENV := .venv
 RL := $(VENV)/bin/rl
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test lint clean-demo
+.PHONY: venv demo pretrain-demo grpo-demo test lint clean-demo
 
 venv:
 	@bash scripts/setup_env.sh
 
-demo: venv
+# The pretrain-then-align pipeline on the embedded tiny default: pretrain, then GRPO from its step-400
+# checkpoint. Each step resumes if its run directory already holds checkpoints.
+demo: pretrain-demo grpo-demo
+
+pretrain-demo: venv
 	$(RL) pretrain configs/pretrain_tiny.yaml $(ARGS)
+
+grpo-demo: venv
+	$(RL) grpo configs/grpo_tiny.yaml
 
 test: venv
 	$(PY) -m pytest -q tests $(ARGS)
@@ -18,4 +25,4 @@ lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean-demo:
-	rm -rf runs/pretrain_tiny
+	rm -rf runs/pretrain_tiny runs/grpo_tiny

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from rl.config import load_config
 
@@ -14,7 +15,14 @@ configs/pretrain_tiny.yaml`); overrides follow the config path, e.g. `train.max_
 rollout.n=4 algorithm.loss.kl_coef=0.01 model.init_from=runs/pretrain_tiny`. The run directory gets
 config.yaml, metrics.jsonl (reward, accuracy, KL, clip fraction, logprob gap, per-phase seconds),
 TensorBoard events, checkpoints/step_N and hf/. Running the same command again with the same run.dir
-resumes from the newest checkpoint in it."""
+resumes from the newest checkpoint in it.
+
+Without a `placement` section and with parallel.* = 1 everything runs in this process. With a
+`placement` section (or parallel.tp/pp/dp > 1) the run goes to Ray worker groups (rl/grpo_cluster.py):
+  placement: {mode: colocated, num_bundles: 2}      policy workers generate on their own weights
+  placement: {mode: disaggregated, pools: {policy: 2, generation: 1}, gpus_per_bundle: 1}
+  failure: {max_restarts: 1}                          restart the groups and resume on a lost worker
+  ray: {address: auto}                                attach to a running cluster (else a local one)"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,10 +38,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from algorithms.grpo import GRPOConfig, run_grpo
+    from algorithms.grpo import run_grpo
+    from rl.grpo_cluster import ClusterGRPOConfig, ClusterRunError, run_grpo_cluster
 
-    cfg = load_config(GRPOConfig, args.config, args.overrides)
-    metrics = run_grpo(cfg)
+    cfg = load_config(ClusterGRPOConfig, args.config, args.overrides)
+    on_ray = bool({"placement", "ray"} & cfg.model_fields_set) or cfg.parallel.world_size > 1
+    if on_ray:
+        try:
+            metrics = run_grpo_cluster(
+                cfg, resume_command=" ".join(["rl grpo", args.config, *args.overrides])
+            )
+        except ClusterRunError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    else:
+        metrics = run_grpo(cfg)
     shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("reward/", "eval/"))}
     print(f"grpo finished: {cfg.run.dir} {shown}")
     return 0

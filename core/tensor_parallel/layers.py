@@ -5,6 +5,8 @@ Contract used by the model code (it never branches on tp):
 - RowParallelLinear(in, out): weight (out, in // tp); input (..., in // tp); output all-reduced (..., out).
 - VocabParallelEmbedding(vocab, dim): weight (vocab // tp, dim); output (..., dim) all-reduced.
 - allreduce_sequence_parallel_grads(model, tp_group) after backward when sequence_parallel is on.
+- Column/RowParallelLinear(fp8="torch" | "te") run their GEMM in fp8 (core.tensor_parallel.fp8); the
+  mode is checked when the layer is built. fp8="off" (default) is the plain F.linear.
 Parameters carry `tp_dim` (the dim that is sharded, or None) so that checkpoints and the bridge can
 gather or shard them without knowing the layer type.
 
@@ -37,6 +39,7 @@ from core.parallel.collectives import (
     reduce_scatter_to_sequence,
     scatter_to_tp,
 )
+from core.tensor_parallel.fp8 import Fp8Mode, check_fp8_mode, fp8_linear
 from core.tensor_parallel.init import InitMethod, init_sharded_, normal_init
 
 
@@ -67,8 +70,11 @@ class ColumnParallelLinear(nn.Module):
         gather_output: bool = False,
         sequence_parallel: bool = False,
         init_method: InitMethod | None = None,
+        fp8: Fp8Mode = "off",
     ):
         super().__init__()
+        check_fp8_mode(fp8)
+        self.fp8 = fp8 != "off"  # the GEMM runs in fp8 (core.tensor_parallel.fp8)
         self.tp_group = tp_group
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel
@@ -94,7 +100,8 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sequence(x, self.tp_group)  # (B, T / tp, in) -> (B, T, in)
         else:
             x = copy_to_tp(x, self.tp_group)  # (..., in), gradient all-reduced over tp
-        y = F.linear(x, self.weight, self.bias)  # (..., out / tp)
+        linear = fp8_linear if self.fp8 else F.linear
+        y = linear(x, self.weight, self.bias)  # (..., out / tp)
         return gather_from_tp(y, self.tp_group) if self.gather_output else y
 
 
@@ -111,10 +118,13 @@ class RowParallelLinear(nn.Module):
         input_is_parallel: bool = True,
         sequence_parallel: bool = False,
         init_method: InitMethod | None = None,
+        fp8: Fp8Mode = "off",
     ):
         super().__init__()
         if sequence_parallel and not input_is_parallel:
             raise ValueError("RowParallelLinear with sequence_parallel=True needs input_is_parallel=True")
+        check_fp8_mode(fp8)
+        self.fp8 = fp8 != "off"  # the GEMM runs in fp8 (core.tensor_parallel.fp8)
         self.tp_group = tp_group
         self.input_is_parallel = input_is_parallel
         self.sequence_parallel = sequence_parallel
@@ -141,7 +151,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.tp_group)  # (..., in) -> (..., in / tp)
-        y = F.linear(x, self.weight)  # (B, T, out), a partial sum over this rank's input features
+        linear = fp8_linear if self.fp8 else F.linear
+        y = linear(x, self.weight)  # (B, T, out), a partial sum over this rank's input features
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence(y, self.tp_group)  # (B, T / tp, out)
         else:

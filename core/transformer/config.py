@@ -46,6 +46,9 @@ class TransformerConfig:
     moe_aux_loss_coeff: float = 0.0
     moe_norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1 (Mixtral)
     init_std: float = 0.02
+    # GEMMs of the attention and MLP linears: off (bf16), torch (per-tensor fp8 through torch._scaled_mm)
+    # or te (needs transformer_engine); see core/tensor_parallel/fp8.py. Checked when the layers are built.
+    fp8: Literal["off", "torch", "te"] = "off"
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:

@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -96,6 +96,11 @@ class PretrainPrecision(PrecisionConfig):
     loss_scale_window: int = Field(
         1000, ge=1, description="fp16: consecutive steps without overflow before the scale doubles"
     )
+    fp8: Literal["off", "torch", "te"] = Field(
+        "off",
+        description="FP8 GEMMs in the attention/MLP linears (per-tensor scaling): torch = torch._scaled_mm on "
+        "GPUs with compute capability >= 8.9, te = Transformer Engine (must be installed)",
+    )
 
 
 class PretrainConfig(Schema):
@@ -164,6 +169,9 @@ class PretrainData:
 
 def check_inputs(cfg: PretrainConfig) -> None:
     """Every path the run reads, checked before any work starts."""
+    from core.tensor_parallel.fp8 import check_fp8_mode
+
+    check_fp8_mode(cfg.precision.fp8)  # fp8 on a machine without it: one line now, not at the first step
     cfg.model.check_paths()
     if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).exists():
         raise InputError(f"data.tokenizer: tokenizer path not found: {cfg.data.tokenizer}")
@@ -281,7 +289,9 @@ class Trainer:
         self.device = resolve_device(cfg.train.device, rank)
         self.data = prepare_data(cfg, self.run_dir)
         full = build_full_model(cfg, len(self.data.tokenizer))
-        self.config = full.config
+        # FP8 is how the training chunks compute, not part of the architecture: the full CPU model, the
+        # checkpoints and the exports stay fp8="off".
+        self.config = dataclasses.replace(full.config, fp8=cfg.precision.fp8)
         fp16 = cfg.precision.dtype == "fp16"
         dtype = torch.float16 if fp16 else param_dtype(cfg.precision, self.device)
         self.engine = ModelEngine(

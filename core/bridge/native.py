@@ -30,7 +30,7 @@ def save_native(model: GPTModel, path: str | Path, arch: Architecture | str | No
     # named_parameters lists a tied output head once, under the embedding's name.
     tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()}
     save_file(tensors, path / WEIGHTS_FILE, metadata={"format": "pt"})
-    meta = {"arch": arch.name, "config": model.config.to_dict()}
+    meta = {"arch": arch.name, "config": model.config.to_dict() | {"fp8": "off"}}  # fp8: a compute choice
     (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 

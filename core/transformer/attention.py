@@ -93,6 +93,7 @@ class SelfAttention(nn.Module):
             bias=config.qkv_bias,
             tp_group=tp_group,
             init_method=normal_init(config.init_std),
+            fp8=config.fp8,
         )
         self.linear_proj = RowParallelLinear(
             config.num_attention_heads * config.head_dim,
@@ -100,6 +101,7 @@ class SelfAttention(nn.Module):
             bias=config.attn_out_bias,
             tp_group=tp_group,
             init_method=scaled_normal_init(config.init_std, config.num_layers),
+            fp8=config.fp8,
         )
         if config.qk_norm:
             # Each rank normalises only its own heads: the norm weights' gradients are summed over tp.

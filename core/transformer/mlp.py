@@ -41,6 +41,7 @@ class MLP(nn.Module):
             bias=config.mlp_bias,
             tp_group=tp_group,
             init_method=normal_init(config.init_std),
+            fp8=config.fp8,
         )
         self.linear_fc2 = RowParallelLinear(
             ffn,
@@ -48,6 +49,7 @@ class MLP(nn.Module):
             bias=config.mlp_bias,
             tp_group=tp_group,
             init_method=scaled_normal_init(config.init_std, config.num_layers),
+            fp8=config.fp8,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

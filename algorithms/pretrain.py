@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from algorithms.evaluation import accuracy
 from algorithms.model_config import ModelConfig
@@ -101,6 +101,11 @@ class PretrainPrecision(PrecisionConfig):
         description="FP8 GEMMs in the attention/MLP linears (per-tensor scaling): torch = torch._scaled_mm on "
         "GPUs with compute capability >= 8.9, te = Transformer Engine (must be installed)",
     )
+
+    @field_validator("fp8", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
 
 
 class PretrainConfig(Schema):

@@ -132,6 +132,7 @@ class ClusterRun:
         cfg = self.cfg
         # check_inputs refuses parallel layouts (the single-process command's limit); the workers have them
         self.inputs = check_inputs(cfg.model_copy(update={"parallel": ParallelConfig()}))
+        check_layout(cfg.parallel, self.inputs.source)  # before Ray or any worker starts
         run_dir = Path(cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
@@ -357,6 +358,21 @@ class ClusterRun:
         if self._owns_ray:
             shutdown_ray()
             self._owns_ray = False
+
+
+def check_layout(parallel: ParallelConfig, source: Any) -> None:
+    """InputError (one line, what to change) if the initial model cannot be split as `parallel` says."""
+    from algorithms.pretrain import _LayoutView
+    from algorithms.rl_inputs import load_init_model
+    from core.bridge.hf import read_hf_config
+    from core.parallel.dims import ParallelDims, validate_model_layout
+
+    if parallel.world_size == 1:
+        return
+    config = read_hf_config(source.path)[1] if source.kind == "hf" else load_init_model(source).config
+    p = parallel
+    dims = ParallelDims(tp=p.tp, cp=p.cp, ep=p.ep, dp=p.dp, pp=p.pp, world_size=p.world_size)
+    validate_model_layout(dims, _LayoutView(config, p.vpp))
 
 
 def run_grpo_cluster(cfg: ClusterGRPOConfig, resume_command: str | None = None) -> dict[str, float]:

@@ -391,7 +391,7 @@ def test_bad_config_exits_2_before_writing(pretrained, tmp_path, capsys):
     run_dir = tmp_path / "bad"
     cases = {
         "rollout.nn=3": "unknown key 'rollout.nn'; did you mean 'rollout.n'",
-        "parallel.tp=2": "single process",
+        "parallel.tp=2": "num_kv_heads=1 is not divisible by parallel.tp=2",  # checked before Ray starts
         "rollout.max_tokens=500": "max_position_embeddings",
         "data.path=/nope.jsonl": "exactly one of data.path and data.synthetic",
     }

@@ -49,6 +49,10 @@ class TransformerConfig:
     # GEMMs of the attention and MLP linears: off (bf16), torch (per-tensor fp8 through torch._scaled_mm)
     # or te (needs transformer_engine); see core/tensor_parallel/fp8.py. Checked when the layers are built.
     fp8: Literal["off", "torch", "te"] = "off"
+    # What the last stage outputs: lm = vocab-parallel logits (B, T, V/tp); value = one scalar per position
+    # (B, T, 1) from a replicated nn.Linear(hidden, 1) "value_head" (critic / reward model). A value model
+    # has no output_layer, so it cannot tie embeddings.
+    head: Literal["lm", "value"] = "lm"
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -97,6 +101,12 @@ class TransformerConfig:
             )
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise InputError(f"TransformerConfig.sliding_window must be positive, got {self.sliding_window}")
+        if self.head not in ("lm", "value"):
+            raise InputError(f"TransformerConfig.head must be 'lm' or 'value', got {self.head!r}")
+        if self.head == "value" and self.tie_embeddings:
+            raise InputError(
+                "TransformerConfig: head='value' has no output layer to tie; set tie_embeddings=False"
+            )
         if self.num_experts < 0 or (self.num_experts and not 0 < self.moe_top_k <= self.num_experts):
             raise InputError(
                 f"TransformerConfig: moe_top_k={self.moe_top_k} must be in [1, num_experts={self.num_experts}]"

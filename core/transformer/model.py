@@ -14,6 +14,7 @@ Parameter names (stable across pipeline splits: layers are keyed by their global
     layers.{i}.mlp.experts.{w_gate_up,w_down}            MoE: (E, 2F, H), (E, H, F)
     final_norm.{weight,bias}
     output_layer.weight                                  (V/tp, H); the embedding's weight when tied
+    value_head.{weight,bias}                             (1, H), (1,)   config.head == "value", replaces output_layer
 
 Initialisation: weights ~ N(0, init_std), the residual-branch outputs (linear_proj, linear_fc2, experts.w_down)
 ~ N(0, init_std / sqrt(2 * num_layers)), biases 0, norm scales 1. Every weight is drawn full-size and sharded
@@ -22,6 +23,10 @@ Context parallelism (cp_group): layout and attention in context_parallel.py; the
 then computed over each rank's local tokens only (not equal to the cp=1 value).
 Expert parallelism (ep_group, Groups.ep_group): every MoE layer keeps E/ep experts per rank (moe.py); expert
 params (ep_dim) are reduced over expert-data-parallel (Groups.edp_group), all others over dp x cp.
+Value head (config.head == "value"): a plain nn.Linear(H, 1) replicated over tp. Without sequence parallelism
+the final hidden states are identical on every tp rank (the last RowParallelLinear all-reduces), so are the
+head's outputs and gradients: no tp communication and no reduction (clip counts it once, as any replicated
+param). With sequence parallelism it would need a gather over tp first.
 Not supported yet: sequence parallelism (the TP layers have it; norms, MoE and masks here assume full T).
 """
 
@@ -102,7 +107,7 @@ class GPTModel(nn.Module):
 
     layer_range=(start, end) builds global layers [start, end). pre_process: owns the embedding and takes
     input_ids; otherwise takes hidden_states (B, T, H). post_process: owns final norm and output head and
-    returns vocab-local logits (B, T, V/tp); otherwise returns hidden states (B, T, H).
+    returns vocab-local logits (B, T, V/tp) (or values (B, T, 1) when config.head == "value"); otherwise returns hidden states (B, T, H).
     After forward, `aux_loss` is this stage's share of moe_aux_loss_coeff * mean over all layers of the
     load-balancing loss (zero for dense models), so that the stages' shares add up to the model's.
     """
@@ -131,6 +136,13 @@ class GPTModel(nn.Module):
         )
         if post_process:
             self.final_norm = build_norm(config, config.hidden_size)
+        if post_process and config.head == "value":
+            self.value_head = nn.Linear(config.hidden_size, 1)
+            for p in self.value_head.parameters():
+                p.tp_dim = None
+            init_tp_param_(self.value_head.weight, normal_init(config.init_std), tp_group=None)
+            nn.init.zeros_(self.value_head.bias)
+        elif post_process:
             self.output_layer = ColumnParallelLinear(
                 config.hidden_size,
                 config.vocab_size,
@@ -156,7 +168,7 @@ class GPTModel(nn.Module):
 
         attention_mask (B, T): 1 = token, 0 = padding. segment_ids (B, T): document ids of packed rows, no
         attention across documents; position_ids then default to restarting per document (else 0..T-1).
-        Returns logits (B, T, V/tp) on the last stage, else hidden states (B, T, H).
+        Returns logits (B, T, V/tp) (values (B, T, 1) for head="value") on the last stage, else hidden states (B, T, H).
         Under context parallelism (cp_group of size cp > 1) every (B, T) input is this rank's split_for_cp
         of the full rows (T = T_full / cp) and position_ids (global positions) are required.
         """
@@ -182,6 +194,8 @@ class GPTModel(nn.Module):
         self.aux_loss = self._aux_loss(x)
         if not self.post_process:
             return x
+        if self.config.head == "value":
+            return self.value_head(self.final_norm(x))  # (B, T, 1)
         return self.output_layer(self.final_norm(x))
 
     def _stage_input(

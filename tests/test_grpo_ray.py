@@ -153,6 +153,63 @@ def test_tp2_policy_group_matches_single_process(ray_cluster, hf_dir: Path) -> N
         pool.remove()
 
 
+def test_dp2_critic_group_matches_single_process_and_feeds_a_reward_model(
+    ray_cluster, hf_dir: Path, tmp_path: Path
+) -> None:
+    """A dp2 CriticWorker group (value head on the tiny LM) through RayCritic: the single process's values
+    and train metrics (1e-5, fp32: dp changes only the order of the gradient sum); its checkpoint loaded
+    into a RewardModelWorker scores each row with the stepped critic's value after its last token."""
+    from algorithms.critic import value_model_from_lm
+    from core.bridge import load_hf, save_native
+    from core.transformer.model import GPTModel
+    from rl.workers import CriticSpec, CriticWorker, RayCritic, RewardModelSpec, RewardModelWorker
+
+    optim = OptimConfig(lr=0.1, min_lr=0.1, weight_decay=0.0, eps=1.0, clip_grad=0.0, decay="constant")
+    spec = CriticSpec(init_from=str(hf_dir), parallel=ParallelConfig(dp=2), optim=optim, micro_batch_size=3)
+    single = CriticWorker(dataclasses.replace(spec, parallel=ParallelConfig()))
+    single.rank = 0
+    single.setup()
+    pool = ResourcePool(1, {"CPU": 1}, name="critic")
+    group = WorkerGroup(
+        CriticWorker,
+        pool,
+        2,
+        ParallelDims(dp=2, world_size=2),
+        (spec,),
+        name="critic",
+        timeout_s=CALL_TIMEOUT_S,
+    )
+    try:
+        critic, batch = RayCritic(group), rl_batch()
+        values = critic.values(batch)["values"]
+        mask = batch["response_mask"]  # past a micro-batch's last response token values are 0: rows differ
+        close(values * mask, single.values(batch)["values"] * mask, 1e-5)
+        batch |= {"returns": batch["advantages"] + 1.0, "old_values": values}
+        got, want = critic.train(batch), single.train(batch)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            close(got[key], value, 1e-5)
+        critic.save(tmp_path / "critic")
+    finally:
+        group.shutdown()
+        pool.remove()
+    config, state = value_model_from_lm(load_hf(hf_dir).config, load_hf(hf_dir).state_dict())
+    model = GPTModel(config)
+    model.load_state_dict(state)
+    save_native(model, tmp_path / "value_model")
+    reward = RewardModelWorker(
+        RewardModelSpec(init_from=str(tmp_path / "value_model"), parallel=ParallelConfig())
+    )
+    reward.rank = 0
+    reward.setup()
+    reward.load(str(tmp_path / "critic"))
+    scores = reward.scores({"input_ids": batch["input_ids"]})["scores"]
+    lengths = (batch["input_ids"] != 0).sum(dim=1)
+    after = single.values(batch | {"response_mask": torch.ones_like(batch["response_mask"])})["values"]
+    rows = torch.arange(len(lengths))
+    close(scores, after[rows, lengths], 1e-5)  # every row is padded: value after the last token
+
+
 # ---- GRPO runs -------------------------------------------------------------------------------------------
 
 

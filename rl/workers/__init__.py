@@ -3,26 +3,35 @@ GRPOTrainer the algorithms.interfaces Protocols over their worker groups."""
 
 from rl.workers.adapters import (
     ColocatedWeightSync,
+    RayCritic,
     RayGenerator,
     RayPolicy,
     RayReference,
+    RayRewardModel,
     TransportWeightSync,
     get_together,
 )
+from rl.workers.critic import CriticWorker, RewardModelWorker
 from rl.workers.generation import GenerationWorker
 from rl.workers.policy import PolicyWorker, ReferenceWorker
-from rl.workers.specs import EngineSpec, PolicySpec
+from rl.workers.specs import CriticSpec, EngineSpec, PolicySpec, RewardModelSpec
 
 __all__ = [
     "ColocatedWeightSync",
+    "CriticSpec",
+    "CriticWorker",
     "EngineSpec",
     "GenerationWorker",
     "PolicySpec",
     "PolicyWorker",
+    "RayCritic",
     "RayGenerator",
     "RayPolicy",
     "RayReference",
+    "RayRewardModel",
     "ReferenceWorker",
+    "RewardModelSpec",
+    "RewardModelWorker",
     "TransportWeightSync",
     "get_together",
 ]

@@ -2,6 +2,8 @@
 
     RayPolicy(group)      Policy:    logprobs / train split the batch over dp; save / load on every rank
     RayReference(group)   Reference: logprobs
+    RayCritic(group)      values / train split the batch over dp; save / load on every rank
+    RayRewardModel(group) scores split over dp
     RayGenerator(group)   Generator: requests split over the group's dp ranks (engine replicas, or the
                           policy's own dp shards when colocated); sleep / wake_up on every rank
     ColocatedWeightSync   the engines read the policy's parameters in place: only the version moves
@@ -63,6 +65,35 @@ class RayPolicy(RayReference):
 
     def model_config(self) -> Any:
         return self.group.run("model_config", dispatch="rank0")
+
+
+class RayCritic:
+    """Critic over a worker group of CriticWorker ranks (any tp x pp x dp layout)."""
+
+    def __init__(self, group: WorkerGroup) -> None:
+        self.group = group
+
+    def values(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.group.run("values", batch, dispatch="dp")
+
+    def train(self, batch: Batch) -> dict[str, float]:
+        return _first_of_each(self.group.run("train", batch, dispatch="dp"))
+
+    def save(self, path: str | Path) -> None:
+        self.group.run("save", str(path), dispatch="all")
+
+    def load(self, path: str | Path) -> None:
+        self.group.run("load", str(path), dispatch="all")
+
+
+class RayRewardModel:
+    """Reward model over a worker group of RewardModelWorker ranks: scores (B,) split over dp."""
+
+    def __init__(self, group: WorkerGroup) -> None:
+        self.group = group
+
+    def scores(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.group.run("scores", batch, dispatch="dp")
 
 
 class RayGenerator:

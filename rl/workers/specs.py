@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from algorithms.critic import ValueLossConfig
 from algorithms.policy import PolicyLossConfig
 from core.config import OptimConfig, ParallelConfig, PrecisionConfig
 
@@ -45,3 +46,31 @@ class PolicySpec:
     seed: int = 0
     temperature: float = 1.0
     engine: EngineSpec | None = None  # colocated generation on the policy's own parameters
+
+
+@dataclass(frozen=True)
+class CriticSpec:
+    """A critic (trainable value model) on one rank of a `parallel` layout. init_from: a value model (head
+    "value", e.g. a saved critic) or an LM, whose output layer is then replaced by a fresh value head
+    (algorithms.critic.value_model_from_lm, drawn from `seed`)."""
+
+    init_from: str
+    parallel: ParallelConfig
+    loss: ValueLossConfig = field(default_factory=ValueLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    micro_batch_size: int = 8
+    total_optimizer_steps: int = 1  # length of the LR schedule
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RewardModelSpec:
+    """A frozen reward model (a value-head model, e.g. a native directory saved from one) on one rank of a
+    `parallel` layout. pad_id finds each row's last token when a batch has no attention_mask."""
+
+    init_from: str
+    parallel: ParallelConfig
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    micro_batch_size: int = 8
+    pad_id: int = 0

@@ -1,0 +1,119 @@
+"""Critic and reward-model workers: one rank of a training layout hosting an algorithms.critic model.
+
+As the policy workers (rl/workers/policy.py): every rank of the group is called together (WorkerGroup
+dispatch "dp" for batches, "all" otherwise), the model runs the collectives, the worker adds only the LR
+schedule and checkpoint paths. Checkpoint layout: path/model (torch.distributed.checkpoint, any layout)
+and path/schedule.pt (rank 0); a RewardModelWorker can `load` a critic's path/model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from algorithms.critic import CriticModel, RewardModel, value_model_from_lm
+from core.errors import InputError
+from rl.cluster.worker import Worker
+from rl.workers.specs import CriticSpec, RewardModelSpec
+
+
+def _init_value_model(init_from: str, seed: int, from_lm: bool) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(config, FULL state) of a value model from `init_from` (every rank reads it, keeps its shard)."""
+    from algorithms.rl_inputs import load_init_model, resolve_init
+
+    full = load_init_model(resolve_init(init_from))
+    if full.config.head == "value":
+        return full.config, full.state_dict()
+    if not from_lm:
+        raise InputError(f"{init_from} is a language model, not a value model (head='value')")
+    return value_model_from_lm(full.config, full.state_dict(), seed)
+
+
+class CriticWorker(Worker):
+    """The trained critic: values, train (one optimizer step + LR schedule step), save / load."""
+
+    role = "critic"
+
+    def __init__(self, spec: CriticSpec) -> None:
+        self.spec = spec
+        self.model: CriticModel | None = None
+        self.scheduler: Any = None
+
+    def setup(self) -> None:
+        from algorithms.pretrain import param_dtype
+        from algorithms.schedules import build_scheduler
+
+        self.model = None  # a restart rebuilds on the new groups
+        torch.manual_seed(self.spec.seed)
+        config, state = _init_value_model(self.spec.init_from, self.spec.seed, from_lm=True)
+        self.model = CriticModel.build(
+            config,
+            state,
+            self.groups,
+            loss=self.spec.loss,
+            optim=self.spec.optim,
+            micro_batch_size=self.spec.micro_batch_size,
+            parallel=self.spec.parallel,
+            device=self.device,
+            param_dtype=param_dtype(self.spec.precision, self.device),
+        )
+        self.scheduler = build_scheduler(
+            self.model.engine.optimizer, self.spec.total_optimizer_steps, self.spec.optim
+        )
+
+    def values(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.model.values(batch)
+
+    def train(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        metrics = self.model.train(batch)
+        self.scheduler.step()
+        return metrics
+
+    def save(self, path: str) -> None:
+        """Collective. The caller makes `path` atomic."""
+        path_ = Path(path)
+        path_.mkdir(parents=True, exist_ok=True)
+        self.model.save(path_ / "model")
+        if self.rank == 0:
+            torch.save({"scheduler": self.scheduler.state_dict()}, path_ / "schedule.pt")
+
+    def load(self, path: str) -> None:
+        path_ = Path(path)
+        self.model.load(path_ / "model")
+        state = torch.load(path_ / "schedule.pt", weights_only=False)
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+class RewardModelWorker(Worker):
+    """A frozen reward model: scores (B,) per sequence."""
+
+    role = "reward_model"
+
+    def __init__(self, spec: RewardModelSpec) -> None:
+        self.spec = spec
+        self.model: RewardModel | None = None
+
+    def setup(self) -> None:
+        from algorithms.pretrain import param_dtype
+
+        self.model = None
+        config, state = _init_value_model(self.spec.init_from, 0, from_lm=False)
+        self.model = RewardModel.build(
+            config,
+            state,
+            self.groups,
+            micro_batch_size=self.spec.micro_batch_size,
+            pad_id=self.spec.pad_id,
+            parallel=self.spec.parallel,
+            device=self.device,
+            param_dtype=param_dtype(self.spec.precision, self.device),
+        )
+
+    def scores(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.model.scores(batch)
+
+    def load(self, path: str) -> None:
+        """A critic checkpoint's weights (path/model, as CriticWorker.save writes). Collective."""
+        self.model.load(Path(path) / "model")

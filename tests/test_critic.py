@@ -3,7 +3,7 @@
 Single process: the value head replaces the output layer (and only when asked); CriticModel.values is the
 head's output shifted one position right (gae's V(state before token t)); a few steps on fixed returns
 lower the value loss; RewardModel scores the head at each row's last token, also after loading a
-CriticModel.save checkpoint. Sharded: tp2 (2-rank gloo world) gives the single process's values, step
+CriticModel.save checkpoint. Sharded: tp2 and pp2 (one 2-rank gloo world) give the single process's values, step
 metrics and post-step values. fp32; tp splits matmuls (~1e-7 relative), so 1e-5.
 """
 
@@ -132,18 +132,22 @@ def test_train_lowers_the_value_loss_and_reward_model_scores_the_last_token(tmp_
     close(reward.scores({"input_ids": data["input_ids"], "attention_mask": mask})["scores"], scores)
 
 
-# ---- tp2 against the single process ----------------------------------------------------------------------
+# ---- tp2, pp2 against the single process ----------------------------------------------------------------------
 
 
-def _tp2_worker(rank: int, world_size: int, data: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _layouts_worker(rank: int, world_size: int, data: dict[str, torch.Tensor]) -> dict[str, Any]:
     from core.parallel import ParallelDims, build_groups
 
-    groups = build_groups(ParallelDims(tp=2, world_size=world_size), rank)
     config, state = value_model()
-    critic = CriticModel.build(
-        config, state, groups, optim=PARITY_OPTIM, micro_batch_size=MBS, parallel=ParallelConfig(tp=2)
-    )
-    return critic_step(critic, data)
+    out = {}
+    for name, parallel in {"tp2": ParallelConfig(tp=2), "pp2": ParallelConfig(pp=2)}.items():
+        dims = ParallelDims(tp=parallel.tp, pp=parallel.pp, world_size=world_size)
+        groups = build_groups(dims, rank)
+        critic = CriticModel.build(
+            config, state, groups, optim=PARITY_OPTIM, micro_batch_size=MBS, parallel=parallel
+        )
+        out[name] = critic_step(critic, data)
+    return out
 
 
 def critic_step(critic: CriticModel, data: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -154,12 +158,12 @@ def critic_step(critic: CriticModel, data: dict[str, torch.Tensor]) -> dict[str,
 
 
 @pytest.mark.slow
-def test_tp2_values_and_train_step_match_single_process() -> None:
+def test_tp2_and_pp2_values_and_train_step_match_single_process() -> None:
     data = batch(1)
     config, state = value_model()
     want = critic_step(CriticModel.build(config, state, optim=PARITY_OPTIM, micro_batch_size=MBS), data)
     assert (want["after"] - want["values"]).abs().max() > 1e-2  # the step moved the values
-    for got in run_distributed(_tp2_worker, 2, data, timeout=120):
+    for got in (r[name] for r in run_distributed(_layouts_worker, 2, data, timeout=120) for name in r):
         close(got["values"], want["values"])
         close(got["after"], want["after"])
         assert set(got["metrics"]) == set(want["metrics"])

@@ -28,12 +28,21 @@ from pathlib import Path
 import torch
 
 from core.bridge import export_hf_weights
+from core.errors import InputError
 from core.transformer.config import TransformerConfig
 from core.transformer.model import GPTModel
 from rl.bench.generate import build_random_model, save_checkpoint, sync
 
 BASELINE = "hf load_state_dict"
 TRANSPORTS = ("same-process", "shm", "process-group")
+
+
+def parse_transports(text: str) -> tuple[str, ...]:
+    """ "shm, process-group" -> ("shm", "process-group"); InputError naming unknown ones."""
+    transports = tuple(t.strip() for t in text.split(",") if t.strip())
+    if unknown := [t for t in transports if t not in TRANSPORTS]:
+        raise InputError(f"--transport: unknown {', '.join(unknown)}; choose from {', '.join(TRANSPORTS)}")
+    return transports
 
 
 @dataclass
@@ -284,9 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
     args = parser.parse_args(argv)
-    transports = tuple(t.strip() for t in args.transport.split(",") if t.strip())
-    if unknown := [t for t in transports if t not in TRANSPORTS]:
-        parser.error(f"--transport: unknown {unknown}; choose from {', '.join(TRANSPORTS)}")
+    try:
+        transports = parse_transports(args.transport)
+    except InputError as e:
+        parser.error(str(e))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32

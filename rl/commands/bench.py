@@ -110,13 +110,10 @@ def run_refit(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from core.errors import InputError
     from core.models import preset
-    from rl.bench.refit import TRANSPORTS, format_table, run_refit_bench
+    from rl.bench.refit import format_table, parse_transports, run_refit_bench
 
-    transports = tuple(t.strip() for t in args.transport.split(",") if t.strip())
-    if unknown := [t for t in transports if t not in TRANSPORTS]:
-        raise InputError(f"--transport: unknown {', '.join(unknown)}; choose from {', '.join(TRANSPORTS)}")
+    transports = parse_transports(args.transport)
     device, dtype, where = _device_and_dtype(args)
     with tempfile.TemporaryDirectory(prefix="tandem-bench-refit-") as workdir:
         results = run_refit_bench(

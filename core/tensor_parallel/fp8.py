@@ -18,8 +18,9 @@ output dim, so fp8_linear falls back to the plain F.linear in the input's dtype 
 is not a multiple of 16 (e.g. decoding a batch of 3 tokens) or the dtypes are not floating point.
 
 Modes: "off" (F.linear, untouched), "torch" (the recipe above; CUDA compute capability >= 8.9),
-"te" (same math, allowed only where transformer_engine imports, so that a run asking for TE fails
-loudly where TE is absent; TE's own kernels, fp8 attention and delayed scaling are not wired in).
+"te" (the Transformer Engine switch: refused at build time, naming the package when it is absent and
+saying the backend is not implemented when it is present; TE's kernels, fp8 attention and delayed
+scaling are not wired in).
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def check_fp8_mode(mode: str) -> None:
         raise InputError(
             "fp8=te needs the transformer_engine package (pip install transformer-engine[pytorch]), "
             "which is not installed; use fp8=torch for torch._scaled_mm FP8 linears"
+        )
+    if mode == "te":  # TE cannot be installed on this project's machines, so its kernels are not wired yet
+        raise InputError(
+            "fp8=te: the Transformer Engine backend is not implemented yet (only the switch exists); "
+            "use fp8=torch for torch._scaled_mm FP8 linears"
         )
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     if capability is None or capability < _MIN_CAPABILITY:

@@ -17,6 +17,7 @@ from algorithms.critic import CriticModel, RewardModel, value_model_from_lm
 from core.errors import InputError
 from rl.cluster.worker import Worker
 from rl.workers.specs import CriticSpec, RewardModelSpec
+from rl.workers.trainable import TrainedModelMixin
 
 
 def _init_value_model(init_from: str, seed: int, from_lm: bool) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -31,7 +32,7 @@ def _init_value_model(init_from: str, seed: int, from_lm: bool) -> tuple[Any, di
     return value_model_from_lm(full.config, full.state_dict(), seed)
 
 
-class CriticWorker(Worker):
+class CriticWorker(TrainedModelMixin, Worker):
     """The trained critic: values, train (one optimizer step + LR schedule step), save / load."""
 
     role = "critic"
@@ -65,25 +66,6 @@ class CriticWorker(Worker):
 
     def values(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.model.values(batch)
-
-    def train(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        metrics = self.model.train(batch)
-        self.scheduler.step()
-        return metrics
-
-    def save(self, path: str) -> None:
-        """Collective. The caller makes `path` atomic."""
-        path_ = Path(path)
-        path_.mkdir(parents=True, exist_ok=True)
-        self.model.save(path_ / "model")
-        if self.rank == 0:
-            torch.save({"scheduler": self.scheduler.state_dict()}, path_ / "schedule.pt")
-
-    def load(self, path: str) -> None:
-        path_ = Path(path)
-        self.model.load(path_ / "model")
-        state = torch.load(path_ / "schedule.pt", weights_only=False)
-        self.scheduler.load_state_dict(state["scheduler"])
 
 
 class RewardModelWorker(Worker):

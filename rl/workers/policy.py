@@ -16,7 +16,6 @@ torch.distributed.checkpoint directory, any layout) and path/schedule.pt (the LR
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from algorithms.policy import PolicyModel
 from rl.cluster.worker import Worker
 from rl.workers.generation import EngineHostMixin, build_native_engine
 from rl.workers.specs import PolicySpec
+from rl.workers.trainable import TrainedModelMixin
 
 
 def build_policy_model(spec: PolicySpec, groups: Any, device: torch.device) -> PolicyModel:
@@ -65,7 +65,7 @@ class ReferenceWorker(Worker):
         return self.model.logprobs(batch, with_entropy)
 
 
-class PolicyWorker(EngineHostMixin, ReferenceWorker):
+class PolicyWorker(EngineHostMixin, TrainedModelMixin, ReferenceWorker):
     """The trained policy: logprobs, train (one optimizer step + LR schedule step), save / load, weights
     out for refit and export, and (spec.engine set) colocated generation on its own parameters."""
 
@@ -89,26 +89,7 @@ class PolicyWorker(EngineHostMixin, ReferenceWorker):
         if self.spec.engine is not None:
             self.engine = build_native_engine(self.spec.engine, self.model.engine.chunks[0])
 
-    # ---- training -------------------------------------------------------------------------------------
-
-    def train(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        metrics = self.model.train(batch)
-        self.scheduler.step()
-        return metrics
-
-    def save(self, path: str) -> None:
-        """Collective. The caller makes `path` atomic (GRPOTrainer writes under a temporary name)."""
-        path_ = Path(path)
-        path_.mkdir(parents=True, exist_ok=True)
-        self.model.save(path_ / "model")
-        if self.rank == 0:
-            torch.save({"scheduler": self.scheduler.state_dict()}, path_ / "schedule.pt")
-
-    def load(self, path: str) -> None:
-        path_ = Path(path)
-        self.model.load(path_ / "model")
-        state = torch.load(path_ / "schedule.pt", weights_only=False)
-        self.scheduler.load_state_dict(state["scheduler"])
+    # ---- training (train / save / load: TrainedModelMixin) ------------------------------------------
 
     def model_config(self) -> Any:
         return self.model.config

@@ -36,7 +36,9 @@ for chunk, block, warps, stages in itertools.product((128, 256, 512), (32, 64, 1
         torch.cuda.synchronize()
         us = start.elapsed_time(end) / 50 * 1e3
         results.append((us, chunk, block, warps, stages))
-        print(f"chunk {chunk:4d} block {block:4d} warps {warps} stages {stages}: {us:8.1f} us {nbytes / us / 1e6:5.2f} TB/s")
+        print(
+            f"chunk {chunk:4d} block {block:4d} warps {warps} stages {stages}: {us:8.1f} us {nbytes / us / 1e6:5.2f} TB/s"
+        )
     except Exception as e:  # noqa: BLE001
         print(chunk, block, warps, stages, "failed", str(e)[:80])
 for us, *cfg in sorted(results)[:5]:

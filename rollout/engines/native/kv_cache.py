@@ -74,17 +74,27 @@ class KVCache:
         self.k[layer][:, :, :T].index_copy_(0, slots, k)
         self.v[layer][:, :, :T].index_copy_(0, slots, v)
 
+    def token_index(self, positions: torch.Tensor, n_kv: int) -> torch.Tensor:
+        """positions (b,) -> (b * n_kv,) rows of (slot i, head h, position positions[i]) in the flat
+        (num_slots * n_kv * max_len, d) view of a layer's cache; the same for every layer."""
+        b = positions.shape[0]
+        heads = self._rows[:b, None] * n_kv + self._heads[None, :n_kv]  # (b, n_kv)
+        return (heads * self.max_len + positions[:, None]).reshape(-1)
+
+    def flat(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's k, v as (num_slots * n_kv * max_len, d) views (token_index's rows)."""
+        k, v = self.k[layer], self.v[layer]
+        return k.view(-1, k.shape[-1]), v.view(-1, v.shape[-1])
+
     def write_token(self, layer: str, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """positions (b,), k/v (b, n_kv_local, 1, d): slot i gets its token at positions[i], i < b.
         No host sync (an index_put), so it can run inside a CUDA graph."""
-        b, n_kv = k.shape[:2]
-        # Flat row of (slot i, head h, position p) in the (num_slots * n_kv * max_len, d) view: one plain
-        # index_copy_ per tensor (an advanced-index put with two index tensors is ~2x slower on GPU).
-        heads = self._rows[:b, None] * n_kv + self._heads[None, :n_kv]  # (b, n_kv)
-        index = (heads * self.max_len + positions[:, None]).reshape(-1)  # (b * n_kv,)
-        d = k.shape[-1]
-        self.k[layer].view(-1, d).index_copy_(0, index, k.reshape(b * n_kv, d))
-        self.v[layer].view(-1, d).index_copy_(0, index, v.reshape(b * n_kv, d))
+        b, n_kv, _, d = k.shape
+        # One plain index_copy_ per tensor (an advanced-index put with two index tensors is ~2x slower on GPU).
+        index = self.token_index(positions, n_kv)
+        k_flat, v_flat = self.flat(layer)
+        k_flat.index_copy_(0, index, k.reshape(b * n_kv, d))
+        v_flat.index_copy_(0, index, v.reshape(b * n_kv, d))
 
     def view(self, layer: str, num_rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v of slots [0, num_rows) and positions [0, length): (num_rows, n_kv_local, length, d) views."""

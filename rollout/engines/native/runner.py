@@ -93,8 +93,17 @@ class ModelRunner:
             # Small elementwise ops (norms, RoPE, SiLU, residuals, the split combine) dominate a decode step
             # once attention reads only what it needs; Inductor fuses them. Modules are graph inputs
             # (inlined nn modules), so one compiled graph serves every layer.
-            self._pre = torch.compile(_before_attention)
+            self._pre = torch.compile(_before_attention_write)
             self._post = torch.compile(_after_split_attention)
+        # Prefill on CUDA: the same fusion over (B, T) of any prompt length (one dynamic-shape graph each);
+        # eager RMSNorm/RoPE/SiLU over B * T tokens cost about as much as the prefill GEMMs.
+        compile_prefill = flash_decode.available(device)
+        self._prefill_pre = (
+            torch.compile(_prefill_before, dynamic=True) if compile_prefill else _prefill_before
+        )
+        self._prefill_post = (
+            torch.compile(_prefill_after, dynamic=True) if compile_prefill else _prefill_after
+        )
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> RopeCache | None:
         if self.inv_freq is None:
@@ -128,11 +137,10 @@ class ModelRunner:
         mask: torch.Tensor | None,
         slots: torch.Tensor,
     ) -> torch.Tensor:
-        attn = layer.self_attention
-        q, k, v = attn.project_qkv(layer.input_norm(x), rope)  # (B, n_heads, T, d), (B, n_kv, T, d) x2
+        q, k, v = self._prefill_pre(layer, x, rope)  # (B, n_heads, T, d), (B, n_kv, T, d) x2
         self.cache.write_prompt(key, slots, k, v)
-        x = x + attn.linear_proj(_merge_heads(prompt_attention(q, k, v, mask, attn.group_size)))
-        return x + layer.mlp(layer.pre_mlp_norm(x))
+        out = prompt_attention(q, k, v, mask, layer.self_attention.group_size)  # (B, n_heads, T, d)
+        return self._prefill_post(layer, x, out)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -143,8 +151,10 @@ class ModelRunner:
         rope = self._rope(pos, x.dtype)
         if self.use_flash_decode:
             lengths = positions + 1  # (b,) keys of each row
+            n_kv = self.cache.k[next(iter(self.cache.k))].shape[1]
+            index = self.cache.token_index(positions, n_kv)  # (b * n_kv,) the new token's cache rows
             for key, layer in self.model.layers.items():
-                x = self._decode_layer_fast(key, layer, x, rope, lengths, positions, kv_len)
+                x = self._decode_layer_fast(key, layer, x, rope, lengths, index, kv_len)
             return self._head(x[:, 0])
         mask = decode_mask(positions, kv_len, self.sliding_window)  # (b, 1, 1, L)
         for key, layer in self.model.layers.items():
@@ -175,12 +185,13 @@ class ModelRunner:
         x: torch.Tensor,
         rope: RopeCache | None,
         lengths: torch.Tensor,
-        positions: torch.Tensor,
+        index: torch.Tensor,
         kv_len: int,
     ) -> torch.Tensor:
-        """CUDA: compiled norm/QKV/RoPE, the split-K kernel on exact lengths, compiled combine/proj/MLP."""
-        q, k, v = self._pre(layer, x, rope)  # (b, n_heads, 1, d), (b, n_kv, 1, d) x2
-        self.cache.write_token(key, positions, k, v)
+        """CUDA: compiled norm/QKV/RoPE/K-V write, the split-K kernel on exact lengths, compiled
+        combine/proj/MLP. index: KVCache.token_index of the step's positions."""
+        k_flat, v_flat = self.cache.flat(key)
+        q = self._pre(layer, x, rope, k_flat, v_flat, index)  # (b, n_heads, 1, d)
         part, lse = flash_decode.split_attention(
             q[:, :, 0], self.cache.k[key], self.cache.v[key], lengths, kv_len, self.sliding_window
         )
@@ -193,10 +204,39 @@ def _before_attention(
     return layer.self_attention.project_qkv(layer.input_norm(x), rope)
 
 
+def _before_attention_write(
+    layer: TransformerLayer,
+    x: torch.Tensor,
+    rope: RopeCache | None,
+    k_flat: torch.Tensor,
+    v_flat: torch.Tensor,
+    index: torch.Tensor,
+) -> torch.Tensor:
+    """Decode: x (b, 1, H) -> q (b, n_heads, 1, d); the new K/V go straight into the cache rows `index`
+    (b * n_kv,) of the flat views (KVCache.flat), inside the same compiled graph as the RoPE that makes them."""
+    q, k, v = _before_attention(layer, x, rope)  # (b, n_heads, 1, d), (b, n_kv, 1, d) x2
+    d = k.shape[-1]
+    k_flat.index_copy_(0, index, k.reshape(-1, d))
+    v_flat.index_copy_(0, index, v.reshape(-1, d))
+    return q
+
+
 def _after_attention(layer: TransformerLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """x (b, 1, H), attention out (b, n_heads, 1, d) -> the layer's output (b, 1, H)."""
+    """x (b, T, H), attention out (b, n_heads, T, d) -> the layer's output (b, T, H)."""
     x = x + layer.self_attention.linear_proj(_merge_heads(out))
     return x + layer.mlp(layer.pre_mlp_norm(x))
+
+
+# Prefill's own code objects: Dynamo caches compiled graphs per code object, so these keep the
+# dynamic-shape prefill graphs apart from the decode step's static ones.
+def _prefill_before(
+    layer: TransformerLayer, x: torch.Tensor, rope: RopeCache | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _before_attention(layer, x, rope)
+
+
+def _prefill_after(layer: TransformerLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return _after_attention(layer, x, out)
 
 
 def _after_split_attention(

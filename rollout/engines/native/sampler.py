@@ -150,16 +150,53 @@ def sample(
 
     Greedy rows (temperature 0) take the argmax of the raw logits (first index on ties, as torch and
     HF do). The caller may skip work it knows is not needed: apply_filters=False when no row uses
-    top-k/top-p (no vocab sort), any_random=False when every row is greedy (no noise)."""
+    top-k/top-p (no vocab sort), any_random=False when every row is greedy (no noise).
+
+    On CUDA without filters the whole draw is one Inductor-compiled function: the fp32 upcast, noise
+    hash, Gumbel argmax and log-sum-exp read the (S, V) logits a few times instead of writing a dozen
+    (S, V) temporaries (each a full pass over memory in eager mode)."""
+    if logits.is_cuda and not apply_filters:
+        return _compiled_draw()(logits, rows.temperature, rows.keys, steps, any_random)
+    logits = logits.float()
+    if not any_random:
+        return _draw(logits, rows.temperature, rows.keys, steps, False)
+    greedy = rows.temperature == 0
+    scaled = logits / torch.where(greedy, 1.0, rows.temperature)[:, None]
+    if apply_filters:
+        scaled = filter_top_k_top_p(scaled, rows.top_k, rows.top_p)
+    tokens = torch.where(greedy, logits.argmax(dim=-1), _gumbel_argmax(scaled, rows.keys, steps))
+    return tokens, _raw_logprobs(logits, tokens)
+
+
+def _gumbel_argmax(scaled: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """scaled (S, V) fp32 temperature-scaled (filtered) logits -> Gumbel-max draws (S,) int64."""
+    gumbel = -torch.log(-torch.log(uniform_noise(keys, steps, scaled.shape[-1])))
+    return (scaled + gumbel).argmax(dim=-1)
+
+
+def _raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log_softmax of fp32 logits (S, V) at tokens (S,), without writing the (S, V) log-probabilities."""
+    return logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
+
+
+def _draw(
+    logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor, any_random: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unfiltered draw: logits (S, V) any float dtype -> tokens (S,) int64, raw logprobs (S,) fp32."""
     logits = logits.float()
     tokens = logits.argmax(dim=-1)  # (S,)
     if any_random:
-        greedy = rows.temperature == 0
-        scaled = logits / torch.where(greedy, 1.0, rows.temperature)[:, None]
-        if apply_filters:
-            scaled = filter_top_k_top_p(scaled, rows.top_k, rows.top_p)
-        gumbel = -torch.log(-torch.log(uniform_noise(rows.keys, steps, logits.shape[-1])))
-        tokens = torch.where(greedy, tokens, (scaled + gumbel).argmax(dim=-1))
-    # log_softmax at one token, without writing the (S, V) log-probabilities
-    logprobs = logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)  # (S,)
-    return tokens, logprobs
+        greedy = temperature == 0
+        scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+        tokens = torch.where(greedy, tokens, _gumbel_argmax(scaled, keys, steps))
+    return tokens, _raw_logprobs(logits, tokens)
+
+
+_COMPILED_DRAW = None
+
+
+def _compiled_draw():
+    global _COMPILED_DRAW
+    if _COMPILED_DRAW is None:
+        _COMPILED_DRAW = torch.compile(_draw, dynamic=True)
+    return _COMPILED_DRAW

@@ -42,6 +42,7 @@ from core.parallel.dims import Groups, ParallelDims, build_groups, validate_mode
 from core.parallel.launch import launch
 from core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from core.transformer.model import GPTModel
+from core.utils.flops import flops_per_token, peak_flops
 from core.utils.metrics import MetricsLogger, plot_metrics, read_metrics
 
 
@@ -74,6 +75,12 @@ class DataConfig(Schema):
     datasets: list[DatasetSpec] = Field(default_factory=list, description="blended indexed datasets")
     tokenizer: str | None = Field(None, description="local tokenizer directory (generated for synthetic)")
     seq_len: int = Field(64, ge=2)
+    reset_attention_mask: bool = Field(
+        True,
+        description="attention and positions restart at every packed document (a block-diagonal mask: SDPA's "
+        "masked kernel); false: plain causal attention over the whole packed row, positions 0..seq_len-1 "
+        "(Megatron's default; the flash kernel, faster at long sequences)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -308,6 +315,7 @@ class Trainer:
             full.state_dict(),
             dtype,
             grad_scaler=build_grad_scaler(cfg.precision) if fp16 else None,
+            compile_layers=cfg.train.compile,
         )
         del full
         self.scheduler = build_scheduler(self.engine.optimizer, cfg.train.max_steps, cfg.optim)
@@ -316,6 +324,11 @@ class Trainer:
         self.batches = PretrainBatches(
             self.data.dataset, cfg.train.micro_batch_size, cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size
         )
+        # MFU on GPUs with a known peak: model FLOPs of the tokens trained over every GPU's peak.
+        world = groups.mp_size * groups.dp_cp_size if groups else 1  # tp * pp * dp * cp ranks
+        peak = peak_flops(self.device)
+        self._flops_per_token = flops_per_token(self.config, cfg.data.seq_len)
+        self._peak_total = peak * world if peak else None
         torch.manual_seed(cfg.train.seed + rank)
         self.state = TrainerState()
         self.maybe_resume()
@@ -330,8 +343,11 @@ class Trainer:
         return x
 
     def step(self) -> dict[str, float]:
+        # Without per-document attention the model builds positions itself and runs plain causal attention.
+        dropped = () if self.cfg.data.reset_attention_mask else ("segment_ids", "position_ids")
         micro_batches = [
-            {k: v.to(self.device) for k, v in next(self.batches).items()} for _ in range(self.grad_accum)
+            {k: v.to(self.device) for k, v in next(self.batches).items() if k not in dropped}
+            for _ in range(self.grad_accum)
         ]
         n_tokens = torch.stack([mb["loss_mask"].sum() for mb in micro_batches]).sum().to(torch.float64)
         n_tokens = self._all_reduce(n_tokens, "dp_group").clamp(min=1.0)
@@ -509,6 +525,10 @@ class Trainer:
             if self._due(tcfg.log_every) or "eval/loss" in metrics:
                 elapsed = time.perf_counter() - window_start
                 metrics["perf/tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                if self._peak_total:
+                    metrics["perf/mfu"] = (
+                        metrics["perf/tokens_per_s"] * self._flops_per_token / self._peak_total
+                    )
                 metrics["train/tokens_seen"] = self.state.tokens_seen
                 window_tokens, window_start = 0, time.perf_counter()
                 if logger is not None:

@@ -42,6 +42,11 @@ class TrainConfig(Schema):
     keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
     progress_bar: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = Field(
+        False,
+        description="torch.compile each transformer layer (Inductor: fused norms, RoPE, SwiGLU and their "
+        "backward); the first steps pay the compilation",
+    )
 
     def grad_accum_steps(self, dp: int) -> int:
         """Micro-batches per step on each dp rank (Megatron's convention: gbs = mbs * dp * accumulation)."""

@@ -114,6 +114,14 @@ def split_micro_batch_for_cp(mb: MicroBatch, cp_group: dist.ProcessGroup | None)
     }
 
 
+def compile_transformer_layers(chunk: GPTModel) -> None:
+    """torch.compile every transformer layer in place (torchtitan's per-block compile): parameter names,
+    hooks and the DDP/optimizer wiring are unchanged; all layers share one compiled graph (same code,
+    parameters as graph inputs). Collectives inside a layer (tp, cp, ep) are traced or split the graph."""
+    for layer in chunk.layers.values():
+        layer.compile()
+
+
 @dataclass
 class StepResult:
     loss: float  # mean loss over the step's loss tokens (all dp ranks, all micro-batches)
@@ -140,6 +148,7 @@ class ModelEngine:
         param_dtype: torch.dtype = torch.float32,
         grad_scaler: DynamicGradScaler | None = None,
         bucket_size_mb: float = 25.0,
+        compile_layers: bool = False,
     ):
         self.config, self.parallel, self.groups, self.device = config, parallel, groups, device
         self.grad_scaler = grad_scaler
@@ -150,6 +159,8 @@ class ModelEngine:
             chunk.to(device=device, dtype=param_dtype)
             if config.is_moe:
                 chunk.register_forward_hook(self._scale_aux_loss)
+            if compile_layers:
+                compile_transformer_layers(chunk)
         self.ddp = DistributedDataParallel(
             nn.ModuleList(self.chunks),
             groups.dp_cp_group if groups else None,

@@ -14,10 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.transformer.config import TransformerConfig
-
-# Dense bf16 peak (datasheet, SXM) by device-name fragment; MFU is left blank for unknown devices.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+from core.utils.flops import flops_per_token, peak_flops  # noqa: F401  (re-exported for scripts)
 
 
 @dataclass
@@ -27,24 +24,6 @@ class BenchResult:
     step_s: float
     mfu: float | None
     peak_mem_gib: float | None
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
-    h, L = config.hidden_size, config.num_layers
-    q = config.num_attention_heads * config.head_dim
-    kv = 2 * config.num_kv_heads * config.head_dim
-    ffn = config.moe_ffn_hidden_size * config.moe_top_k if config.is_moe else config.ffn_hidden_size
-    mlp = (3 if config.activation == "swiglu" else 2) * h * ffn
-    per_layer = h * (q + kv) + q * h + mlp
-    matmul_params = L * per_layer + h * config.vocab_size
-    return 6.0 * matmul_params + 6.0 * L * seq_len * q
 
 
 def _sync(device: torch.device) -> None:

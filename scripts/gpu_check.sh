@@ -6,14 +6,17 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpus.txt"
-timeout 360 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_distributed.py tests/test_pipeline.py \
-  tests/test_expert_parallel.py tests/test_native_engine.py \
-  tests/test_refit_transport.py tests/test_decode_attention.py tests/test_checkpoint_reshard.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+TESTS=${TESTS:-tests/test_distributed.py tests/test_pipeline.py tests/test_expert_parallel.py tests/test_native_engine.py tests/test_refit_transport.py tests/test_decode_attention.py tests/test_checkpoint_reshard.py}
+timeout 360 python3 -m pytest -q -m gpu -p no:cacheprovider $TESTS 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
 FAST="model.hidden_size=64 model.num_layers=2 model.num_attention_heads=2 model.num_kv_heads=2 model.ffn_hidden_size=128 data.seq_len=32
  data.synthetic.n_train=2000 data.synthetic.n_eval=50 eval.num_problems=20 train.global_batch_size=16
  train.micro_batch_size=8 train.log_every=1 train.eval_every=0 train.progress_bar=false optim.warmup_steps=2
  train.max_steps=6 train.save_every=3 precision.dtype=fp32"
-for lay in "" "parallel.tp=2" "parallel.dp=2" "parallel.pp=2" "parallel.cp=2" "parallel.tp=2 train.compile=true" "parallel.dp=2 train.compile=true"; do
+# LAYOUTS: shell words, each one run's overrides ("" = 1 GPU, the reference).
+DEFAULT_LAYOUTS='"" "parallel.tp=2" "parallel.dp=2" "parallel.pp=2" "parallel.cp=2" "parallel.tp=2 train.compile=true" "parallel.dp=2 train.compile=true"'
+LAYOUTS=${LAYOUTS:-$DEFAULT_LAYOUTS}
+eval "set -- $LAYOUTS"
+for lay in "$@"; do
   name=run$(echo "$lay" | tr -dc 'a-z0-9')
   timeout 200 python3 -m rl.cli pretrain configs/pretrain_tiny.yaml $FAST run.dir=/tmp/$name $lay > "/tmp/$name.log" 2>&1
   echo "$name rc=$?"; tail -2 "/tmp/$name.log"

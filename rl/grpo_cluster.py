@@ -12,7 +12,8 @@ Placement (config section `placement`, rl.cluster.Placement):
 - disaggregated: placement.pools gives each role its own pool (policy, generation, and optionally
   reference; without a pool of its own the reference shares the policy's). One engine replica per
   generation bundle, refitted each step by the policy streaming buckets over a dedicated gloo / NCCL
-  group (rollout.transport), or through the object store (weight_transport=object_store).
+  group (rollout.transport), or through the Ray object store (weight_transport=object_store: at most two
+  buckets alive in it at once, rl/cluster/object_store_transport.py).
 The policy (and reference) layout is `parallel` (tp x pp x dp ranks = parallel.world_size workers).
 
 Failures (section `failure`): every worker call has a deadline (call_timeout_s). A worker that dies, is
@@ -288,13 +289,10 @@ class ClusterRun:
             transport = cfg.weight_transport
             if transport == "auto":
                 transport = "shared_memory" if cfg.placement.mode == "colocated" else "process_group"
-            if transport == "object_store":
-                sync = lambda version: generator.update_weights(policy.hf_weights(), version)  # noqa: E731
-            else:
-                sync = self._transport = TransportWeightSync(
-                    self.groups["policy"], self.groups["generation"], transport
-                )
-                sync.connect()
+            sync = self._transport = TransportWeightSync(
+                self.groups["policy"], self.groups["generation"], transport
+            )
+            sync.connect()
         colocated = cfg.placement.mode == "colocated"
         return Components(policy, generator, sync, inputs.environment, inputs.tokenizer, reference, colocated)
 

@@ -11,8 +11,9 @@ end or abort); this module only says how messages and bytes travel:
   (each `ray.get`s the same object) and never split: `bucket_bytes` bounds it as for the other
   transports (a tensor larger than that travels alone).
 - messages: a small async `_Channel` actor, created by the sender next to itself (num_cpus=0), holds a
-  FIFO mailbox per receiver. A bucket's message carries its ObjectRef (inside a list, so Ray hands the
-  reference over instead of resolving it).
+  FIFO mailbox per receiver. Messages pass through it as pickled bytes plus a list of ObjectRefs (a
+  bucket's message carries its ref; inside a list Ray hands the reference over instead of resolving
+  it), so the channel's process never unpickles a BucketMeta and starts in ~1 s without torch.
 
 Memory bound: the sender keeps the ObjectRef of every bucket it has put and that some receiver has not
 acknowledged yet (`_in_flight`). A receiver acknowledges a bucket once it has copied the bytes into a
@@ -38,6 +39,7 @@ timeout. A receiver that stops acknowledging makes the sender raise TimeoutError
 from __future__ import annotations
 
 import asyncio
+import pickle
 from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
@@ -68,47 +70,53 @@ class ObjectStoreAddress:
     num_receivers: int
 
 
-class _Channel:
-    """Per-receiver FIFO mailboxes and bucket acknowledgements (an async actor: waiters never block it).
+def _channel_class() -> type:
+    """The channel actor's class. Defined inside a function so that Ray pickles it by value: the actor's
+    process then imports asyncio only, not this module (torch and the core: ~10 s on 2 cores, vs ~1 s)."""
 
-    Messages carry the sender's sequence number: Ray does not promise to run an async actor's calls in
-    submission order, so they are released to the mailboxes in sequence order."""
+    class _Channel:
+        """Per-receiver FIFO mailboxes and bucket acknowledgements (an async actor: waiters never block it).
 
-    def __init__(self, num_receivers: int) -> None:
-        self._mailboxes: list[asyncio.Queue] = [asyncio.Queue() for _ in range(num_receivers)]
-        self._early: dict[int, Any] = {}  # messages that overtook an earlier one
-        self._next = 0
-        self._acked = [0] * num_receivers  # highest bucket sequence number each receiver copied out
-        self._ack_changed = asyncio.Condition()
+        Messages carry the sender's sequence number: Ray does not promise to run an async actor's calls in
+        submission order, so they are released to the mailboxes in sequence order."""
 
-    async def put(self, seq: int, message: Any) -> None:
-        self._early[seq] = message
-        while self._next in self._early:
-            message = self._early.pop(self._next)
-            for mailbox in self._mailboxes:
-                mailbox.put_nowait(message)
-            self._next += 1
+        def __init__(self, num_receivers: int) -> None:
+            self._mailboxes: list[asyncio.Queue] = [asyncio.Queue() for _ in range(num_receivers)]
+            self._early: dict[int, Any] = {}  # messages that overtook an earlier one
+            self._next = 0
+            self._acked = [0] * num_receivers  # highest bucket sequence number each receiver copied out
+            self._ack_changed = asyncio.Condition()
 
-    async def get(self, receiver: int, timeout_s: float) -> Any:
-        return await asyncio.wait_for(self._mailboxes[receiver].get(), timeout_s)
+        async def put(self, seq: int, blob: bytes, refs: list[Any]) -> None:
+            self._early[seq] = (blob, refs)
+            while self._next in self._early:
+                message = self._early.pop(self._next)
+                for mailbox in self._mailboxes:
+                    mailbox.put_nowait(message)
+                self._next += 1
 
-    async def ack(self, receiver: int, bucket_seq: int) -> None:
-        async with self._ack_changed:
-            self._acked[receiver] = max(self._acked[receiver], bucket_seq)
-            self._ack_changed.notify_all()
+        async def get(self, receiver: int, timeout_s: float) -> Any:
+            return await asyncio.wait_for(self._mailboxes[receiver].get(), timeout_s)
 
-    async def wait_acked(self, bucket_seq: int, timeout_s: float) -> int:
-        """Wait until every receiver acknowledged `bucket_seq`; returns the lowest acknowledged one."""
-
-        async def acked() -> None:
+        async def ack(self, receiver: int, bucket_seq: int) -> None:
             async with self._ack_changed:
-                await self._ack_changed.wait_for(lambda: min(self._acked) >= bucket_seq)
+                self._acked[receiver] = max(self._acked[receiver], bucket_seq)
+                self._ack_changed.notify_all()
 
-        await asyncio.wait_for(acked(), timeout_s)
-        return min(self._acked)
+        async def wait_acked(self, bucket_seq: int, timeout_s: float) -> int:
+            """Wait until every receiver acknowledged `bucket_seq`; returns the lowest acknowledged one."""
+
+            async def acked() -> None:
+                async with self._ack_changed:
+                    await self._ack_changed.wait_for(lambda: min(self._acked) >= bucket_seq)
+
+            await asyncio.wait_for(acked(), timeout_s)
+            return min(self._acked)
+
+    return _Channel
 
 
-_CHANNEL = ray.remote(_Channel)
+_CHANNEL = ray.remote(_channel_class())
 
 
 def _get(ref: ray.ObjectRef, what: str) -> Any:
@@ -154,9 +162,9 @@ class ObjectStoreSender(WeightSender):
         self._bucket_seq = 0
         self._in_flight: deque[tuple[int, ray.ObjectRef]] = deque()  # (bucket seq, ref), oldest first
 
-    def _send_message(self, message: tuple[str, Any]) -> None:
+    def _send_message(self, message: tuple[str, Any], refs: list[ray.ObjectRef] | None = None) -> None:
         # Not awaited: the channel orders messages by sequence number; a dead channel shows at the next ack.
-        self._channel.put.remote(self._message_seq, message)
+        self._channel.put.remote(self._message_seq, pickle.dumps(message), refs or [])
         self._message_seq += 1
 
     def _send_bucket(self, meta: BucketMeta, bucket: list[NamedTensor]) -> None:
@@ -169,7 +177,7 @@ class ObjectStoreSender(WeightSender):
         del arrays
         self._in_flight.append((self._bucket_seq, ref))
         self.peak_buckets_in_flight = max(self.peak_buckets_in_flight, len(self._in_flight))
-        self._send_message(("data", (self._bucket_seq, [ref])))
+        self._send_message(("data", self._bucket_seq), [ref])
 
     def _wait_acked(self, bucket_seq: int) -> None:
         """Block until every receiver acknowledged `bucket_seq`; release the acknowledged buckets."""
@@ -211,24 +219,28 @@ class ObjectStoreReceiver(WeightReceiver):
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._timeout_s = timeout.total_seconds()
 
-    def _recv_message(self) -> tuple[str, Any]:
+    def _recv(self) -> tuple[tuple[str, Any], list[ray.ObjectRef]]:
+        """The next message and the ObjectRefs that came with it."""
         try:
-            return _get(self._channel.get.remote(self.index, self._timeout_s), "waiting for a message")
+            blob, refs = _get(self._channel.get.remote(self.index, self._timeout_s), "waiting for a message")
         except TimeoutError:
             raise TimeoutError(
                 f"object-store weight transport: no message from the sender within {self._timeout_s:g}s"
             ) from None
+        return pickle.loads(blob), refs
+
+    def _recv_message(self) -> tuple[str, Any]:
+        return self._recv()[0]
 
     def _recv_bucket(self, meta: BucketMeta) -> torch.Tensor:
-        kind, payload = self._recv_message()
+        (kind, bucket_seq), refs = self._recv()
         if kind != "data":
             raise RuntimeError(f"object-store weight transport: expected a bucket's data, got {kind!r}")
-        bucket_seq, (ref,) = payload
-        arrays = _get(ref, "fetching a bucket")  # read-only views of the (local) object store
+        arrays = _get(refs[0], "fetching a bucket")  # read-only views of the (local) object store
         flat = torch.empty(meta.nbytes, dtype=torch.uint8)
         out = flat.numpy()
         for slot, array in zip(meta.tensors, arrays, strict=True):
             np.copyto(out[slot.offset : slot.offset + slot.nbytes], array)
-        del arrays, ref, payload  # our reference is gone before the ack lets the sender drop its own
+        del arrays, refs  # our reference is gone before the ack lets the sender drop its own
         self._channel.ack.remote(self.index, bucket_seq)
         return flat if self.device.type == "cpu" else flat.to(self.device)

@@ -7,9 +7,10 @@
     RayGenerator(group)   Generator: requests split over the group's dp ranks (engine replicas, or the
                           policy's own dp shards when colocated); sleep / wake_up on every rank
     ColocatedWeightSync   the engines read the policy's parameters in place: only the version moves
-    TransportWeightSync   policy ranks stream buckets to the engine workers over a rollout.transport,
-                          both sides called at once and awaited together (a failure on either side
-                          surfaces at once, not at the other side's deadline)
+    TransportWeightSync   policy ranks stream buckets to the engine workers over a weight transport
+                          (process group, shared memory or the Ray object store), both sides called at
+                          once and awaited together (a failure on either side surfaces at once, not at
+                          the other side's deadline)
 
 Every call has the group's deadline; a dead, stuck or failing rank raises rl.cluster.WorkerGroupError
 naming the role and rank.
@@ -17,8 +18,9 @@ naming the role and rank.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +116,21 @@ class RayGenerator:
         return self.group.run("generate", requests, dispatch="all")[0]
 
     def update_weights(self, named_tensors: Iterator[tuple[str, torch.Tensor]], version: int) -> None:
-        self.group.run("update_weights", dict(named_tensors), version, dispatch="all")
+        """Stream `named_tensors` from this process (the driver) to every engine worker over the object
+        store, one bucket at a time (refit in a run goes policy -> engines instead: TransportWeightSync)."""
+        from datetime import timedelta
+
+        from rl.cluster.object_store_transport import ObjectStoreSender
+
+        timeout_s = self.group.timeout_s
+        sender = ObjectStoreSender(len(self.group), timeout=timedelta(seconds=timeout_s))
+        try:
+            receiving = self.group.call("receive_weights_from", sender.address, timeout_s, dispatch="all")
+            sending = _in_thread(lambda: sender.send(named_tensors, version))
+            self.group.get(receiving)  # a failing engine worker surfaces here, not at the sender's deadline
+            sending()
+        finally:
+            sender.close()
 
     def sleep(self, level: int = 1) -> None:
         self.group.run("sleep", level, dispatch="all")
@@ -140,17 +156,28 @@ class TransportWeightSync:
     """Policy rank 0 streams the model (bucket by bucket) to every engine worker over a weight transport.
 
     `connect()` (again after a restart) opens the sender on policy rank 0 and the receivers on the engine
-    workers; transport "process_group" (gloo / NCCL, any hosts) or "shared_memory" (same host)."""
+    workers; transport "process_group" (gloo / NCCL, any hosts), "shared_memory" (same host) or
+    "object_store" (the Ray object store, any hosts). bucket_bytes bounds what is shipped at once."""
 
     def __init__(
-        self, policy: WorkerGroup, generation: WorkerGroup, transport: str = "process_group"
+        self,
+        policy: WorkerGroup,
+        generation: WorkerGroup,
+        transport: str = "process_group",
+        bucket_bytes: int = 256 << 20,
     ) -> None:
         self.policy, self.generation, self.transport = policy, generation, transport
+        self.bucket_bytes = bucket_bytes
 
     def connect(self) -> None:
         timeout_s = self.policy.timeout_s
         address = self.policy.run(
-            "open_weight_sender", len(self.generation), self.transport, timeout_s, dispatch="rank0"
+            "open_weight_sender",
+            len(self.generation),
+            self.transport,
+            timeout_s,
+            self.bucket_bytes,
+            dispatch="rank0",
         )
         self.generation.run("connect_weight_receiver", address, timeout_s, dispatch="all")
 
@@ -177,3 +204,25 @@ def get_together(calls: list[tuple[WorkerGroup, PendingCall]]) -> list[Any]:
         except Exception:
             group.get(pending)  # raises WorkerGroupError naming the role and rank
     return [group.get(pending) for group, pending in calls]
+
+
+def _in_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Start fn in a daemon thread; the returned callable joins it and returns (or raises) its result."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 -- re-raised by the join below
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def join() -> Any:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+    return join

@@ -2,9 +2,11 @@
 
 A GenerationWorker group runs with backend="none": each actor is one engine replica owning its process
 (vLLM's in-process engine creates or adopts the default process group, see rl/cluster/worker.py), and
-requests are split over the replicas like a batch over dp ranks. Weights arrive through a
-rollout.transport receiver (`connect_weight_receiver`, then `receive_weights` per refit, applied as one
-versioned update) or, for small models, as a dict through the object store (`update_weights`).
+requests are split over the replicas like a batch over dp ranks. Weights arrive through a weight
+receiver (`connect_weight_receiver`, then `receive_weights` per refit, applied as one versioned update):
+a rollout.transport one (process group, shared memory) or an rl.cluster.object_store_transport one,
+chosen by the type of the sender's address. Every path streams bucket by bucket; none ships the whole
+model at once.
 """
 
 from __future__ import annotations
@@ -96,34 +98,43 @@ class GenerationWorker(EngineHostMixin, Worker):
         self.engine = build_engine(self.spec, self.device, param_dtype(self.precision, self.device))
 
     def connect_weight_receiver(self, address: Any, timeout_s: float) -> None:
-        """Join the policy's weight sender as receiver `rank + 1` (the group forms at the first refit)."""
+        """Join the policy's weight sender (a process group forms at the first refit)."""
+        self._close_receiver()
+        self._receiver = self._weight_receiver(address, timeout_s)
+
+    def _weight_receiver(self, address: Any, timeout_s: float) -> Any:
+        """A receiver for a sender's address: object store (receiver `rank`), shared memory, or a process
+        group (receiver `rank + 1`: the sender is rank 0)."""
         from datetime import timedelta
 
-        from rollout.transport import (
-            ProcessGroupReceiver,
-            SharedMemoryAddress,
-            SharedMemoryReceiver,
-        )
+        from rl.cluster.object_store_transport import ObjectStoreAddress, ObjectStoreReceiver
+        from rollout.transport import ProcessGroupReceiver, SharedMemoryAddress, SharedMemoryReceiver
 
-        self._close_receiver()
         timeout = timedelta(seconds=timeout_s)
+        if isinstance(address, ObjectStoreAddress):
+            return ObjectStoreReceiver(address, self.rank, device=self.device, timeout=timeout)
         if isinstance(address, SharedMemoryAddress):
-            self._receiver = SharedMemoryReceiver(address, device=self.device, timeout=timeout)
-        else:
-            self._receiver = ProcessGroupReceiver(address, self.rank + 1, device=self.device, timeout=timeout)
+            return SharedMemoryReceiver(address, device=self.device, timeout=timeout)
+        return ProcessGroupReceiver(address, self.rank + 1, device=self.device, timeout=timeout)
 
     def receive_weights(self) -> int:
-        """One refit from the sender, applied as one versioned update; returns the version."""
+        """One refit from the connected sender, applied as one versioned update; returns the version."""
         from rollout.transport import receive_weights
 
         self.engine.wake_up()  # a sleeping engine refuses updates
         return receive_weights(self.engine, self._receiver)
 
-    def update_weights(self, named_tensors: dict[str, torch.Tensor], version: int) -> int:
-        """A whole model through the object store (small models, or no transport)."""
-        self.engine.wake_up()
-        self.engine.update_weights(iter(named_tensors.items()), version)
-        return version
+    def receive_weights_from(self, address: Any, timeout_s: float) -> int:
+        """One refit from a one-off sender (RayGenerator.update_weights streams from the driver), leaving
+        the connected receiver as it is; returns the version."""
+        from rollout.transport import receive_weights
+
+        receiver = self._weight_receiver(address, timeout_s)
+        try:
+            self.engine.wake_up()
+            return receive_weights(self.engine, receiver)
+        finally:
+            receiver.close()
 
     def _close_receiver(self) -> None:
         if self._receiver is not None:

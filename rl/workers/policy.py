@@ -7,8 +7,9 @@ each optimizer step and checkpointed next to the model), checkpoint paths, and t
 reach a generation engine:
 - colocated (spec.engine): a NativeEngine on the rank's own model chunk (no copy, tp ranks generate
   SPMD); `use_current_weights(version)` records the version after an optimizer step;
-- disaggregated: `send_weights(version)` streams hf_weights() over a rollout.transport sender held by
-  rank 0 (the other ranks drive their part of the tp/pp gathers) to the engine workers' receivers.
+- disaggregated: `send_weights(version)` streams hf_weights() over a weight sender held by rank 0 (a
+  rollout.transport one, or rl.cluster.object_store_transport's; the other ranks drive their part of
+  the tp/pp gathers) to the engine workers' receivers.
 
 Checkpoint layout (the same as algorithms.inprocess_policy, so a run resumes in either): path/model (a
 torch.distributed.checkpoint directory, any layout) and path/schedule.pt (the LR schedule, rank 0).
@@ -107,25 +108,38 @@ class PolicyWorker(EngineHostMixin, TrainedModelMixin, ReferenceWorker):
         self.engine.use_model(self.model.engine.chunks[0], version=version)
         return version
 
-    def open_weight_sender(self, num_receivers: int, transport: str, timeout_s: float) -> Any:
+    def open_weight_sender(
+        self, num_receivers: int, transport: str, timeout_s: float, bucket_bytes: int = 256 << 20
+    ) -> Any:
         """Rank 0: a weight sender for `num_receivers` engine workers; returns the address they connect
-        to. transport: "process_group" (gloo on CPU, NCCL on GPU; any hosts) or "shared_memory" (same
+        to. transport: "process_group" (gloo on CPU, NCCL on GPU; any hosts), "shared_memory" (same
         host: /dev/shm on CPU, CUDA IPC on GPU, the colocated case where NCCL cannot pair two processes
-        on one GPU)."""
+        on one GPU) or "object_store" (the Ray object store, any hosts, at most 2 buckets alive in it).
+        bucket_bytes bounds what is shipped at once."""
         from datetime import timedelta
 
         from rollout.transport import ProcessGroupSender, SharedMemorySender
 
         self.close_weight_sender()
+        timeout = timedelta(seconds=timeout_s)
         if transport == "shared_memory":
-            self._sender = SharedMemorySender(num_receivers, device=self.device)
-        else:
+            self._sender = SharedMemorySender(num_receivers, device=self.device, bucket_bytes=bucket_bytes)
+        elif transport == "object_store":
+            from rl.cluster.object_store_transport import ObjectStoreSender
+
+            self._sender = ObjectStoreSender(num_receivers, bucket_bytes=bucket_bytes, timeout=timeout)
+        elif transport == "process_group":
             import ray
 
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             host = ray.util.get_node_ip_address()
-            timeout = timedelta(seconds=timeout_s)
-            self._sender = ProcessGroupSender(num_receivers, host=host, backend=backend, timeout=timeout)
+            self._sender = ProcessGroupSender(
+                num_receivers, host=host, backend=backend, bucket_bytes=bucket_bytes, timeout=timeout
+            )
+        else:
+            raise ValueError(
+                f"weight transport {transport!r}: expected process_group, shared_memory or object_store"
+            )
         return self._sender.address
 
     def send_weights(self, version: int) -> int:

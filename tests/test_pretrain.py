@@ -183,3 +183,38 @@ def test_compiled_layers_train_like_eager(tmp_path):
         assert abs(loss_c - loss_e) <= 1e-4 * abs(loss_e), (curves[False], curves[True])
         assert abs(norm_c - norm_e) <= 1e-3 * abs(norm_e), (curves[False], curves[True])
     assert (tmp_path / "compile_True/hf/model.safetensors").is_file()
+
+
+def test_reset_attention_mask_false_trains_with_plain_causal_attention(tmp_path):
+    """data.reset_attention_mask=false: the step's loss is that of the model run on the packed rows with plain
+    causal attention and positions 0..T-1 (no per-document mask), and it differs from the default's."""
+    import torch.nn.functional as F
+
+    def trainer(reset: bool) -> Trainer:
+        overrides = [
+            *FAST,
+            f"run.dir={tmp_path / str(reset)}",
+            f"data.reset_attention_mask={str(reset).lower()}",
+        ]
+        return Trainer(load_config(PretrainConfig, TINY, overrides))
+
+    plain = trainer(False)
+    twin = trainer(False)  # same seed: the same batches, read here by hand
+    mbs = [next(twin.batches) for _ in range(twin.grad_accum)]
+    model = twin.engine.chunks[0]
+    with torch.no_grad():
+        total = sum(
+            (
+                F.cross_entropy(
+                    model(mb["input_ids"]).flatten(0, 1), mb["labels"].flatten(), reduction="none"
+                )
+                * mb["loss_mask"].flatten()
+            ).sum()
+            for mb in mbs
+        )
+    want = float(total / sum(mb["loss_mask"].sum() for mb in mbs))
+    got = plain.step()["train/loss"]
+    assert abs(got - want) < 1e-5 * want, (got, want)
+    assert (
+        abs(trainer(True).step()["train/loss"] - got) > 1e-4
+    )  # per-document masking is a different model input

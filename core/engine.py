@@ -117,8 +117,8 @@ def split_micro_batch_for_cp(mb: MicroBatch, cp_group: dist.ProcessGroup | None)
 def compile_transformer_layers(chunk: GPTModel) -> None:
     """torch.compile every transformer layer in place (torchtitan's per-block compile): parameter names,
     hooks and the DDP/optimizer wiring are unchanged; all layers share one compiled graph (same code,
-    parameters as graph inputs). Only for layers without collectives inside (tp = cp = ep = 1): dp and pp
-    communicate outside the layers."""
+    parameters as graph inputs). tp collectives inside a layer are traced as functional collectives
+    (core.parallel.collectives); cp and ep layers are not validated compiled, so the engine refuses them."""
     for layer in chunk.layers.values():
         layer.compile()
 
@@ -152,11 +152,8 @@ class ModelEngine:
         compile_layers: bool = False,
     ):
         self.config, self.parallel, self.groups, self.device = config, parallel, groups, device
-        if compile_layers and max(parallel.tp, parallel.cp, parallel.ep) > 1:
-            # Seen on 2 H200s: tp2 with compiled layers trained with wrong gradients over NCCL (right on gloo).
-            raise ValueError(
-                "compile_layers needs tp = cp = ep = 1: layers with collectives inside stay eager"
-            )
+        if compile_layers and max(parallel.cp, parallel.ep) > 1:
+            raise ValueError("compile_layers needs cp = ep = 1 (compiled cp/ep layers are not validated)")
         self.grad_scaler = grad_scaler
         self.embedding_group = build_embedding_group(groups) if groups is not None else None
         self.chunks = self._build_chunks()

@@ -123,9 +123,9 @@ def test_impossible_layout_exits_2(tmp_path):
         (["parallel.dp=2", "parallel.ep=4"], "parallel.ep=4 must divide dp*cp=2"),
         (["parallel.dp=4", "parallel.ep=4", "train.global_batch_size=32"], "num_experts=2 is not divisible"),
         (["model.arch=llama", "model.num_experts=0", "parallel.dp=2", "parallel.ep=2"], "set ep=1"),
-        (["parallel.tp=2", "train.compile=true"], "train.compile=true needs parallel.tp = cp = ep = 1"),
+        (["parallel.cp=2", "train.compile=true"], "train.compile=true needs parallel.cp = ep = 1"),
     ],
-    ids=["cp-seq-len", "ep-dp-cp", "ep-experts", "ep-dense", "compile-tp"],
+    ids=["cp-seq-len", "ep-dp-cp", "ep-experts", "ep-dense", "compile-cp"],
 )
 def test_cp_ep_layout_errors_say_what_to_change(tmp_path, overrides, message):
     """The checks rl pretrain runs before any rank starts (exit 2 with this message: see the test above)."""

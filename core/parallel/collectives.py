@@ -4,6 +4,10 @@ Activations are (B, T, H): the tensor-parallel dim is the last one, the sequence
 Every function takes its process group explicitly; a group of None or of size 1 makes it the identity
 (so a tp=1 model runs these as no-ops and never touches the default group).
 
+Under torch.compile the building blocks switch to torch's functional collectives (they return new tensors,
+so Dynamo/AOTAutograd trace them with explicit waits, also inside a compiled backward); eager code keeps
+the in-place c10d calls.
+
 The sequence-parallel pair follows Megatron: inside a column-parallel region each rank computes a
 different output shard from the gathered sequence, so the gradient of the all-gather is a
 reduce-scatter (the partial input-gradients of all ranks are summed, each rank keeps its chunk).
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 SEQ_DIM = 1
 
@@ -32,6 +37,12 @@ def group_rank(group: dist.ProcessGroup | None) -> int:
 
 # ---- plain (non-autograd) building blocks ------------------------------------------------------------
 
+_FUNCOL_OPS = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.MAX: "max", dist.ReduceOp.MIN: "min"}
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
 
 def all_reduce(
     x: torch.Tensor, group: dist.ProcessGroup | None, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
@@ -39,6 +50,8 @@ def all_reduce(
     """Reduce (sum by default) over the group into a new contiguous tensor (x is left untouched)."""
     if group_size(group) == 1:
         return x
+    if _compiling():
+        return funcol.all_reduce(x.contiguous(), _FUNCOL_OPS[op], group)
     out = x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(out, op=op, group=group)
     return out
@@ -60,6 +73,8 @@ def all_gather_along_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup | N
     if size == 1:
         return x
     x_front = x.movedim(dim, 0).contiguous()  # (n, ...)
+    if _compiling():
+        return funcol.all_gather_tensor(x_front, 0, group).movedim(0, dim).contiguous()
     out = torch.empty((size * x_front.shape[0], *x_front.shape[1:]), dtype=x.dtype, device=x.device)
     all_gather_single(out, x_front, group=group)
     return out.movedim(0, dim).contiguous()
@@ -73,6 +88,8 @@ def reduce_scatter_along_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup
     if x.shape[dim] % size:
         raise ValueError(f"dim {dim} of shape {tuple(x.shape)} is not divisible by group size {size}")
     x_front = x.movedim(dim, 0).contiguous()  # (size * n, ...)
+    if _compiling():
+        return funcol.reduce_scatter_tensor(x_front, "sum", 0, group).movedim(0, dim).contiguous()
     out = torch.empty((x_front.shape[0] // size, *x_front.shape[1:]), dtype=x.dtype, device=x.device)
     reduce_scatter_single(out, x_front, group=group)
     return out.movedim(0, dim).contiguous()

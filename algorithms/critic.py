@@ -20,23 +20,19 @@ normalised by the step's GLOBAL count (all micro-batches, all dp ranks), as Poli
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from pydantic import Field
 
-from algorithms.losses import loss_count, value_loss
-from algorithms.policy import AggMode, _check_parallel, _last_position, _parallel_of, _StepStats
+from algorithms.engine_model import Batch, EngineModel, StepStats
+from algorithms.losses import value_loss
+from algorithms.policy import AggMode
 from core.config import OptimConfig, ParallelConfig, Schema
-from core.engine import ModelEngine
+from core.engine import LossFn, ModelEngine
 from core.errors import InputError
 from core.parallel.dims import Groups
 from core.transformer.config import TransformerConfig
-
-Batch = dict[str, torch.Tensor]
 
 
 class ValueLossConfig(Schema):
@@ -60,87 +56,23 @@ def value_model_from_lm(
     return value_config, state
 
 
-class _ValueHeadModel:
-    """What the critic and the reward model share: the engine, micro-batches, and the head's raw output."""
+class _ValueHeadModel(EngineModel):
+    """What the critic and the reward model share: a head="value" engine and the head's raw output."""
 
     def __init__(self, engine: ModelEngine, micro_batch_size: int):
         if engine.config.head != "value":
             raise InputError(
                 f"{type(self).__name__} needs a model with head='value', got {engine.config.head!r}"
             )
-        if micro_batch_size < 1:
-            raise InputError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        if engine.groups is not None and engine.groups.cp_size > 1:
-            raise InputError(f"{type(self).__name__} does not support context parallelism (cp > 1) yet")
-        self.engine, self.micro_batch_size = engine, micro_batch_size
+        super().__init__(engine, micro_batch_size)
 
-    @staticmethod
-    def _engine(
-        config: TransformerConfig,
-        full_state: dict[str, torch.Tensor],
-        groups: Groups | None,
-        optim: OptimConfig,
-        parallel: ParallelConfig | None,
-        device: torch.device | str,
-        param_dtype: torch.dtype,
-    ) -> ModelEngine:
-        parallel = parallel or _parallel_of(groups)
-        _check_parallel(parallel, groups)
-        return ModelEngine(config, parallel, optim, groups, torch.device(device), full_state, param_dtype)
-
-    @property
-    def groups(self) -> Groups | None:
-        return self.engine.groups
-
-    @property
-    def config(self) -> TransformerConfig:
-        return self.engine.config
-
-    @property
-    def device(self) -> torch.device:
-        return self.engine.device
-
-    def _micro_batches(self, batch: Batch, keys: tuple[str, ...], cut: bool = True) -> list[Batch]:
-        """Row slices of the `keys` tensors (those present) on the device; cut: each ends after its last
-        response token (nothing after it changes a kept value)."""
-        ids = batch.get("input_ids")
-        if ids is None or ids.dim() != 2 or ids.shape[0] < 1:
-            raise InputError("batch needs input_ids (B, T) with B >= 1")
-        out = []
-        for start in range(0, ids.shape[0], self.micro_batch_size):
-            rows = slice(start, start + self.micro_batch_size)
-            length = ids.shape[1]
-            if cut and "response_mask" in batch:
-                length = min(length, max(2, _last_position(batch["response_mask"][rows]) + 1))
-            out.append({k: batch[k][rows, :length].to(self.device) for k in keys if k in batch})
-        return out
-
-    @torch.no_grad()
     def _head_outputs(self, batch: Batch, cut: bool) -> torch.Tensor:
         """The head's output (B, T) fp32 at every position (0 after a micro-batch's cut), on every rank."""
 
         def collect(out: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             return out.new_zeros(()), {"head": out[..., 0].float()}
 
-        mbs = self._micro_batches(batch, ("input_ids", "response_mask"), cut)
-        per_mb = self.engine.forward_collect(mbs, collect)
-        B, T = batch["input_ids"].shape
-        out = torch.zeros(B, T, dtype=torch.float32, device=self.device)
-        if self.engine.is_last_stage():
-            row = 0
-            for result in per_mb:
-                part = result["head"]
-                out[row : row + part.shape[0], : part.shape[1]] = part
-                row += part.shape[0]
-        if self.groups is not None and self.groups.pp_size > 1:
-            dist.broadcast(out, src=self.groups.ranks["pp"][-1], group=self.groups.pp_group)
-        return out
-
-    def load(self, path: str | Path) -> None:
-        """Restore the model (and optimizer) state of a CriticModel.save directory, at any layout. Collective."""
-        template = self.engine.load_template(path)
-        dcp.load(template, checkpoint_id=str(path))
-        self.engine.finish_load(template)
+        return self._forward_rows(batch, collect, ("head",), cut)[0]
 
 
 def token_values(head: torch.Tensor) -> torch.Tensor:
@@ -173,11 +105,15 @@ class CriticModel(_ValueHeadModel):
         parallel: ParallelConfig | None = None,
         device: torch.device | str = "cpu",
         param_dtype: torch.dtype = torch.float32,
+        compile_layers: bool = False,
     ) -> CriticModel:
         """A CriticModel on this rank of `groups` from a FULL value-model state (value_model_from_lm turns an
-        LM's into one). clip_grad None: optim.clip_grad."""
+        LM's into one). clip_grad None: optim.clip_grad. parallel, compile_layers: as
+        EngineModel.build_engine."""
         optim = optim or OptimConfig()
-        engine = cls._engine(config, full_state, groups, optim, parallel, device, param_dtype)
+        engine = cls.build_engine(
+            config, full_state, groups, optim, parallel, device, param_dtype, compile_layers
+        )
         clip = optim.clip_grad if clip_grad is None else clip_grad
         return cls(engine, micro_batch_size, loss or ValueLossConfig(), clip)
 
@@ -195,28 +131,11 @@ class CriticModel(_ValueHeadModel):
             if key not in batch:
                 raise InputError(f"CriticModel.train: batch has no {key!r}")
         mbs = self._micro_batches(batch, ("input_ids", "response_mask", "returns", "old_values"))
-        if global_count is None:
-            count = self._global_count(mbs)
-        else:
-            count = torch.tensor(float(global_count), dtype=torch.float64, device=self.device)
-        stats = _StepStats()
-        lr = float(self.engine.optimizer.param_groups[0]["lr"])
-        result = self.engine.train_step(mbs, self._loss_fn(count, stats), self.clip_grad)
-        metrics = stats.reduce(self.groups, self.device) if self.engine.is_last_stage() else None
-        if self.groups is not None and self.groups.pp_size > 1:
-            box = [metrics]
-            dist.broadcast_object_list(box, src=self.groups.ranks["pp"][-1], group=self.groups.pp_group)
-            metrics = box[0]
-        return {"loss": result.loss, **(metrics or {}), "grad_norm": result.grad_norm, "lr": lr}
+        count = self._step_count(mbs, self.loss.agg_mode, global_count)
+        stats = StepStats()
+        return self._train_step(mbs, self._loss_fn(count, stats), stats, self.clip_grad)
 
-    def _global_count(self, mbs: list[Batch]) -> torch.Tensor:
-        local = sum(loss_count(mb["response_mask"], self.loss.agg_mode) for mb in mbs)
-        count = torch.as_tensor(local, dtype=torch.float64).to(self.device)
-        if self.groups is not None:
-            dist.all_reduce(count, group=self.groups.dp_cp_group)
-        return count
-
-    def _loss_fn(self, count: torch.Tensor, stats: _StepStats):
+    def _loss_fn(self, count: torch.Tensor, stats: StepStats) -> LossFn:
         cfg = self.loss
 
         def loss_fn(out: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -236,11 +155,6 @@ class CriticModel(_ValueHeadModel):
             return loss, {"loss_sum": loss.detach()}
 
         return loss_fn
-
-    def save(self, path: str | Path) -> None:
-        """Model and optimizer state as a torch.distributed.checkpoint directory (collective); loads at any
-        layout into a CriticModel or a RewardModel (`load`)."""
-        dcp.save(self.engine.sharded_state(), checkpoint_id=str(path))
 
 
 class RewardModel(_ValueHeadModel):
@@ -265,10 +179,13 @@ class RewardModel(_ValueHeadModel):
         parallel: ParallelConfig | None = None,
         device: torch.device | str = "cpu",
         param_dtype: torch.dtype = torch.float32,
+        compile_layers: bool = False,
     ) -> RewardModel:
         """A RewardModel from a FULL value-model state (e.g. a trained critic's; or `load` a CriticModel.save
-        directory after building)."""
-        engine = cls._engine(config, full_state, groups, OptimConfig(), parallel, device, param_dtype)
+        directory after building). parallel, compile_layers: as EngineModel.build_engine."""
+        engine = cls.build_engine(
+            config, full_state, groups, OptimConfig(), parallel, device, param_dtype, compile_layers
+        )
         return cls(engine, micro_batch_size, pad_id)
 
     def scores(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -30,14 +30,14 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from algorithms.losses import KL_ESTIMATORS, POLICY_LOSSES, aggregate, loss_count
+from algorithms.engine_model import Batch, EngineModel, StepStats
+from algorithms.losses import KL_ESTIMATORS, POLICY_LOSSES, aggregate
 from algorithms.registry import Registry
 from core.config import OptimConfig, ParallelConfig, Schema
-from core.engine import ModelEngine
+from core.engine import LossFn, ModelEngine
 from core.errors import InputError
 from core.models import Architecture
 from core.parallel.dims import Groups
@@ -45,7 +45,6 @@ from core.tensor_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
 from core.transformer.config import TransformerConfig
 from rollout.refit import gather_to_rank0_over_pp, training_weights_to_hf
 
-Batch = dict[str, torch.Tensor]
 AggMode = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]  # = losses.AGG_MODES
 
 
@@ -108,52 +107,7 @@ def _shifted(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return shifted / temperature if temperature != 1.0 else shifted
 
 
-class _StepStats:
-    """Loss-function metrics of one step on the last pipeline stage, combined over micro-batches.
-
-    Shares (pg_loss, kl, entropy: already divided by the global count) add up; token means (the policy
-    loss's metrics) are weighted by the micro-batch's loss tokens; *_max / *_min keep extremes.
-    """
-
-    def __init__(self) -> None:
-        self.shares: dict[str, float] = {}
-        self.weighted: dict[str, float] = {}
-        self.tokens = 0.0
-        self.extremes: dict[str, float] = {}
-
-    def add(self, shares: dict[str, torch.Tensor], means: dict[str, torch.Tensor], tokens: float) -> None:
-        for k, v in shares.items():
-            self.shares[k] = self.shares.get(k, 0.0) + float(v)
-        self.tokens += tokens
-        for k, v in means.items():
-            if k.endswith("_max"):
-                self.extremes[k] = max(self.extremes.get(k, float("-inf")), float(v))
-            elif k.endswith("_min"):
-                self.extremes[k] = min(self.extremes.get(k, float("inf")), float(v))
-            else:
-                self.weighted[k] = self.weighted.get(k, 0.0) + float(v) * tokens
-
-    def reduce(self, groups: Groups | None, device: torch.device) -> dict[str, float]:
-        """Global metrics over dp x cp (last stage only; the caller broadcasts them over pp)."""
-        sum_keys, ext_keys = sorted(self.shares) + sorted(self.weighted), sorted(self.extremes)
-        sums = [self.shares.get(k, self.weighted.get(k)) for k in sum_keys] + [self.tokens]
-        # min(x) = -max(-x): one MAX all-reduce for both kinds of extreme
-        signed = [self.extremes[k] if k.endswith("_max") else -self.extremes[k] for k in ext_keys]
-        sums_t = torch.tensor(sums, dtype=torch.float64, device=device)
-        ext_t = torch.tensor(signed, dtype=torch.float64, device=device)
-        if groups is not None:
-            dist.all_reduce(sums_t, group=groups.dp_cp_group)
-            dist.all_reduce(ext_t, op=dist.ReduceOp.MAX, group=groups.dp_cp_group)
-        tokens = float(sums_t[-1])
-        out = {k: float(v) for k, v in zip(sum_keys, sums_t[:-1].tolist())}
-        for k in self.weighted:
-            out[k] /= max(tokens, 1.0)
-        for k, v in zip(ext_keys, ext_t.tolist()):
-            out[k] = v if k.endswith("_max") else -v
-        return out
-
-
-class PolicyModel:
+class PolicyModel(EngineModel):
     """One rank's policy: `logprobs` (forward only) and `train` (one optimizer step) over RL batches,
     `hf_weights` for refit, `save` / `load`. See the module docstring for the batch contract.
 
@@ -174,18 +128,10 @@ class PolicyModel:
         temperature: float = 1.0,
         arch: Architecture | str | None = None,
     ):
-        if micro_batch_size < 1:
-            raise InputError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        super().__init__(engine, micro_batch_size)
         if temperature <= 0:
             raise InputError(f"temperature must be > 0, got {temperature}")
-        if engine.groups is not None and engine.groups.cp_size > 1:
-            raise InputError("PolicyModel does not support context parallelism (cp > 1) yet")
-        self.engine, self.micro_batch_size, self.loss, self.clip_grad = (
-            engine,
-            micro_batch_size,
-            loss,
-            clip_grad,
-        )
+        self.loss, self.clip_grad = loss, clip_grad
         self.temperature, self.arch = temperature, arch
 
     @classmethod
@@ -204,17 +150,17 @@ class PolicyModel:
         param_dtype: torch.dtype = torch.float32,
         temperature: float = 1.0,
         arch: Architecture | str | None = None,
+        compile_layers: bool = False,
     ) -> PolicyModel:
         """A PolicyModel on this rank of `groups` (None: a single process) from the FULL model state in
         our parameter names (e.g. GPTModel.state_dict(), or `from_pretrained` for a directory).
 
-        parallel: vpp / distributed_optimizer (its sizes must match groups.dims; None: from groups, no
-        vpp, replicated optimizer). clip_grad None: optim.clip_grad.
+        parallel, compile_layers: as EngineModel.build_engine. clip_grad None: optim.clip_grad.
         """
         optim = optim or OptimConfig()
-        parallel = parallel or _parallel_of(groups)
-        _check_parallel(parallel, groups)
-        engine = ModelEngine(config, parallel, optim, groups, torch.device(device), full_state, param_dtype)
+        engine = cls.build_engine(
+            config, full_state, groups, optim, parallel, device, param_dtype, compile_layers
+        )
         return cls(
             engine,
             micro_batch_size,
@@ -238,41 +184,6 @@ class PolicyModel:
         kwargs.setdefault("arch", arch)
         return cls.build(model.config, model.state_dict(), groups, **kwargs)
 
-    # ---- properties -------------------------------------------------------------------------------------
-
-    @property
-    def groups(self) -> Groups | None:
-        return self.engine.groups
-
-    @property
-    def config(self) -> TransformerConfig:
-        return self.engine.config
-
-    @property
-    def device(self) -> torch.device:
-        return self.engine.device
-
-    @property
-    def tp_group(self) -> dist.ProcessGroup | None:
-        return self.groups.tp_group if self.groups else None
-
-    # ---- micro-batches ----------------------------------------------------------------------------------
-
-    def _micro_batches(self, batch: Batch, keys: tuple[str, ...]) -> list[Batch]:
-        """Row slices of the `keys` tensors (those present), on the device, each cut after its last
-        response token (nothing after it can change a kept token's logits)."""
-        ids = batch.get("input_ids")
-        if ids is None or ids.dim() != 2 or ids.shape[0] < 1:
-            raise InputError("batch needs input_ids (B, T) with B >= 1")
-        out = []
-        for start in range(0, ids.shape[0], self.micro_batch_size):
-            rows = slice(start, start + self.micro_batch_size)
-            length = ids.shape[1]
-            if "response_mask" in batch:
-                length = min(length, max(2, _last_position(batch["response_mask"][rows]) + 1))
-            out.append({k: batch[k][rows, :length].to(self.device) for k in keys if k in batch})
-        return out
-
     # ---- logprobs ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -292,19 +203,7 @@ class PolicyModel:
                 out["entropy"] = token_entropy(logits, self.tp_group, self.temperature)
             return logits.new_zeros(()), out
 
-        mbs = self._micro_batches(batch, ("input_ids", "response_mask"))
-        per_mb = self.engine.forward_collect(mbs, collect)
-        B, T = batch["input_ids"].shape
-        out = torch.zeros(len(names), B, T, dtype=torch.float32, device=self.device)
-        if self.engine.is_last_stage():
-            row = 0
-            for result in per_mb:
-                for i, name in enumerate(names):
-                    part = result[name]
-                    out[i, row : row + part.shape[0], : part.shape[1]] = part
-                row += result["logprobs"].shape[0]
-        if self.groups is not None and self.groups.pp_size > 1:
-            dist.broadcast(out, src=self.groups.ranks["pp"][-1], group=self.groups.pp_group)
+        out = self._forward_rows(batch, collect, names)  # (len(names), B, T)
         device = batch["input_ids"].device
         return {name: out[i].to(device) for i, name in enumerate(names)}
 
@@ -333,23 +232,11 @@ class PolicyModel:
         keys = ("input_ids", "response_mask", "advantages", "old_logprobs")
         keys += ("ref_logprobs",) if cfg.kl_coef > 0 else ()
         mbs = self._micro_batches(batch, keys)
-        count = self._global_count(mbs) if global_count is None else torch.tensor(float(global_count))
-        stats = _StepStats()
-        lr = float(self.engine.optimizer.param_groups[0]["lr"])
-        result = self.engine.train_step(mbs, self._loss_fn(count.to(self.device), stats), self.clip_grad)
-        metrics = self._broadcast_from_last_stage(
-            stats.reduce(self.groups, self.device) if self.engine.is_last_stage() else None
-        )
-        return {"loss": result.loss, **metrics, "grad_norm": result.grad_norm, "lr": lr}
+        count = self._step_count(mbs, cfg.agg_mode, global_count)
+        stats = StepStats()
+        return self._train_step(mbs, self._loss_fn(count, stats), stats, self.clip_grad)
 
-    def _global_count(self, mbs: list[Batch]) -> torch.Tensor:
-        local = sum(loss_count(mb["response_mask"], self.loss.agg_mode) for mb in mbs)
-        count = torch.as_tensor(local, dtype=torch.float64).to(self.device)
-        if self.groups is not None:
-            dist.all_reduce(count, group=self.groups.dp_cp_group)
-        return count
-
-    def _loss_fn(self, count: torch.Tensor, stats: _StepStats):
+    def _loss_fn(self, count: torch.Tensor, stats: StepStats) -> LossFn:
         cfg = self.loss
         policy_loss, kl_estimator = POLICY_LOSSES.get(cfg.name), KL_ESTIMATORS.get(cfg.kl_estimator)
 
@@ -381,14 +268,7 @@ class PolicyModel:
 
         return loss_fn
 
-    def _broadcast_from_last_stage(self, metrics: dict[str, float] | None) -> dict[str, float]:
-        if self.groups is None or self.groups.pp_size == 1:
-            return metrics or {}
-        box = [metrics]
-        dist.broadcast_object_list(box, src=self.groups.ranks["pp"][-1], group=self.groups.pp_group)
-        return box[0] or {}
-
-    # ---- weights out, checkpoints -----------------------------------------------------------------------
+    # ---- weights out (save / load: EngineModel) ---------------------------------------------------------
 
     def hf_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, FULL tensor) of the whole model, one parameter at a time, for refit or export.
@@ -400,39 +280,3 @@ class PolicyModel:
         """
         stream = training_weights_to_hf(self.engine.chunks, self.groups, self.config, self.arch, dtype)
         yield from gather_to_rank0_over_pp(stream, self.groups, self.device)
-
-    def save(self, path: str | Path) -> None:
-        """Model and optimizer state as a torch.distributed.checkpoint directory (collective: every rank
-        calls it). It loads at any other layout (`load`). Not atomic: write into a temporary directory and
-        rename it (core/checkpoint/checkpointer.py does so for whole training checkpoints)."""
-        dcp.save(self.engine.sharded_state(), checkpoint_id=str(path))
-
-    def load(self, path: str | Path) -> None:
-        """Restore model and optimizer state written by `save` (or the "model" part of a training
-        checkpoint) at any layout. Collective."""
-        template = self.engine.load_template(path)
-        dcp.load(template, checkpoint_id=str(path))
-        self.engine.finish_load(template)
-
-
-def _last_position(response_mask: torch.Tensor) -> int:
-    """The largest column index holding a response token in any row (-1 when there is none)."""
-    cols = response_mask.bool().any(dim=0).nonzero()
-    return int(cols.max()) if cols.numel() else -1
-
-
-def _parallel_of(groups: Groups | None) -> ParallelConfig:
-    if groups is None:
-        return ParallelConfig()
-    d = groups.dims
-    return ParallelConfig(tp=d.tp, pp=d.pp, cp=d.cp, ep=d.ep, dp=d.dp)
-
-
-def _check_parallel(parallel: ParallelConfig, groups: Groups | None) -> None:
-    sizes = ParallelConfig() if groups is None else _parallel_of(groups)
-    for axis in ("tp", "pp", "cp", "ep", "dp"):
-        if getattr(parallel, axis) != getattr(sizes, axis):
-            raise InputError(
-                f"parallel.{axis}={getattr(parallel, axis)} but the process groups have {axis}="
-                f"{getattr(sizes, axis)}"
-            )

@@ -180,6 +180,32 @@ def test_save_and_load_resume_the_step_exactly(hf_dir: Path, tmp_path: Path) -> 
         assert torch.equal(w, full_weights(second)[name]), name
 
 
+def test_compiled_layers_give_eager_logprobs_and_step(hf_dir: Path) -> None:
+    """compile_layers=True (every transformer layer through Inductor) gives the eager model's logprobs, and
+    after one train step on the same batch the same logprobs again. fp32: Inductor fuses and reorders
+    elementwise and reduction ops (~1e-7 relative), 1e-5 on logprobs; the step (AdamW eps=1, lr=1, smooth
+    in the gradient) moves weights by ~1e-3 and carries that noise through, so 1e-4 after it."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    models = {
+        compiled: PolicyModel.from_pretrained(
+            hf_dir, loss=LOSSES["tp2_pp2"], optim=OPTIM, micro_batch_size=MBS, compile_layers=compiled
+        )
+        for compiled in (False, True)
+    }
+    batch = rl_batch(models[False])
+    before = {compiled: m.logprobs(batch)["logprobs"] for compiled, m in models.items()}
+    close(before[True], before[False], 1e-5)
+    for m in models.values():
+        m.train(batch)
+    after = {compiled: m.logprobs(batch)["logprobs"] for compiled, m in models.items()}
+    assert counters["stats"]["unique_graphs"] > 0  # Dynamo really compiled the layers
+    assert float((after[False] - before[False]).abs().max()) > 1e-2  # the step moved the logprobs
+    close(after[True], after[False], 1e-4)
+
+
 def test_hf_weights_are_the_checkpoint_bitwise(hf_dir: Path) -> None:
     from safetensors.torch import load_file
 

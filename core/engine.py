@@ -45,7 +45,7 @@ from core.distributed import (
 )
 from core.parallel.collectives import group_size
 from core.parallel.dims import Groups
-from core.pipeline.layout import build_embedding_group, build_stage_modules
+from core.pipeline.layout import build_embedding_group, build_stage_modules, tied_embedding_weight
 from core.pipeline.schedules import get_schedule
 from core.transformer.attention import position_ids_from_segments
 from core.transformer.config import TransformerConfig
@@ -164,12 +164,14 @@ class ModelEngine:
                 chunk.register_forward_hook(self._scale_aux_loss)
             if compile_layers:
                 compile_transformer_layers(chunk)
+        tied = tied_embedding_weight(self.chunks)  # pp > 1 first/last stage: summed over the pair later
         self.ddp = DistributedDataParallel(
             nn.ModuleList(self.chunks),
             groups.dp_cp_group if groups else None,
             expert_dp_group=groups.edp_group if groups else None,
             use_distributed_optimizer=parallel.distributed_optimizer,
             bucket_size_mb=bucket_size_mb,
+            isolated_params=(tied,) if tied is not None else (),
         )
         self.optimizer = build_optimizer(self.ddp, optim, distributed=parallel.distributed_optimizer)
         self.schedule = get_schedule(parallel.pp, parallel.vpp)
@@ -229,24 +231,20 @@ class ModelEngine:
     def forward_backward(
         self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn
     ) -> list[dict[str, torch.Tensor]]:
-        """Zero the main grads, then forward/backward every micro-batch. At pp = 1 the dp reduction of each
-        gradient bucket has started in the last backward; finalize_grads waits for it (and starts it at pp > 1)."""
+        """Zero the main grads, then forward/backward every micro-batch. The dp reduction of each gradient
+        bucket has started in its chunk's last backward; finalize_grads waits for it."""
         self.optimizer.zero_grad()
         scale = self.grad_scaler.scale if self.grad_scaler is not None else 1.0
         if scale != 1.0:
             loss_fn = _scaled_loss_fn(loss_fn, scale)
         self._loss_scale = scale
         try:
-            if self.parallel.pp == 1:
-                # Overlap: the last micro-batch's backward runs with sync on, so each gradient bucket starts
-                # its dp reduction as soon as its last grad arrives, while backward continues.
-                return self._run_schedule(
-                    micro_batches, loss_fn, forward_only=False, no_sync_func=lambda c: self.ddp.no_sync()
-                )
-            # pp > 1: one DDP holds every chunk and the tied-embedding sum must precede the reduction
-            # (finalize_model_grads), so reductions start after the schedule.
-            with self.ddp.no_sync():
-                return self._run_schedule(micro_batches, loss_fn, forward_only=False)
+            # Overlap: each chunk's last backward runs with sync on, so each gradient bucket starts its dp
+            # reduction as soon as its last grad arrives, while backward (and the pipeline) continues. The
+            # tied-embedding sum (pp > 1) follows the reduction in finalize_grads.
+            return self._run_schedule(
+                micro_batches, loss_fn, forward_only=False, no_sync_func=lambda c: self.ddp.no_sync()
+            )
         finally:
             self._loss_scale = 1.0
 

@@ -76,6 +76,7 @@ class GradBuffer:
         bucket_numel: int,
         reduce_scatter: bool,
         scale: float = 1.0,
+        isolated: frozenset[nn.Parameter] = frozenset(),
     ):
         self.params = params
         self.group = group
@@ -84,7 +85,7 @@ class GradBuffer:
         self.reduce_scatter = reduce_scatter
         self.scale = scale
         self.param_range: dict[nn.Parameter, tuple[int, int]] = {}  # buffer offsets [start, end)
-        spans = self._layout(bucket_numel)
+        spans = self._layout(bucket_numel, isolated)
         self.data = torch.zeros(spans[-1][2] if spans else 0, dtype=grad_dtype, device=params[0].device)
         self.buckets = [
             Bucket(i, ps, start, end, self.data[start:end]) for i, (ps, start, end) in enumerate(spans)
@@ -93,18 +94,26 @@ class GradBuffer:
         for p, (start, end) in self.param_range.items():
             p.main_grad = self.data[start:end].view(p.shape)
 
-    def _layout(self, bucket_numel: int) -> list[tuple[list[nn.Parameter], int, int]]:
-        """Place params (aligned) and close a bucket once it holds >= bucket_numel elements."""
+    def _layout(
+        self, bucket_numel: int, isolated: frozenset[nn.Parameter]
+    ) -> list[tuple[list[nn.Parameter], int, int]]:
+        """Place params (aligned) and close a bucket once it holds >= bucket_numel elements. An `isolated`
+        param gets a bucket of its own, starting at the bucket start: its dp chunks then depend only on its
+        shape, so ranks whose buffers differ elsewhere (first and last pipeline stage) own the same chunk."""
         pad_to = ALIGN * self.dp_size
         spans: list[tuple[list[nn.Parameter], int, int]] = []
         current: list[nn.Parameter] = []
         bucket_start = offset = 0
         for p in self.params:
+            if p in isolated and current:  # close the open bucket first
+                offset = _round_up(offset, pad_to)
+                spans.append((current, bucket_start, offset))
+                current, bucket_start = [], offset
             offset = _round_up(offset, ALIGN)
             self.param_range[p] = (offset, offset + p.numel())
             offset += p.numel()
             current.append(p)
-            if offset - bucket_start >= bucket_numel:
+            if offset - bucket_start >= bucket_numel or p in isolated:
                 offset = _round_up(offset, pad_to)
                 spans.append((current, bucket_start, offset))
                 current, bucket_start = [], offset

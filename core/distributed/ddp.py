@@ -46,7 +46,10 @@ class DistributedDataParallel(nn.Module):
         overlap: bool = True,
         average: bool = False,
         use_distributed_optimizer: bool = False,
+        isolated_params: tuple[nn.Parameter, ...] = (),
     ):
+        """isolated_params: each gets a gradient bucket of its own (the tied embedding at pp > 1, whose
+        reduced chunks the first and last stage then sum pairwise; see core/distributed/finalize.py)."""
         super().__init__()
         self.module = module
         self.dp_group = dp_group
@@ -54,13 +57,15 @@ class DistributedDataParallel(nn.Module):
         self.overlap = overlap
         self.use_distributed_optimizer = use_distributed_optimizer
         bucket_numel = int(bucket_size_mb * 2**20) // grad_dtype.itemsize
-        self.grad_buffers = self._build_buffers(bucket_numel, grad_dtype, average)
+        self.grad_buffers = self._build_buffers(bucket_numel, grad_dtype, average, frozenset(isolated_params))
         self._buffer_of = {p: buf for buf in self.grad_buffers for p in buf.params}
         self._sync_enabled = True
         self._synced = False  # grads reduced and not zeroed since: a new backward would double-count
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self._buffer_of]
 
-    def _build_buffers(self, bucket_numel: int, grad_dtype: torch.dtype, average: bool) -> list[GradBuffer]:
+    def _build_buffers(
+        self, bucket_numel: int, grad_dtype: torch.dtype, average: bool, isolated: frozenset[nn.Parameter]
+    ) -> list[GradBuffer]:
         """One buffer per (dense | expert, param dtype); params in reverse module order."""
         by_key: dict[tuple[bool, torch.dtype], list[nn.Parameter]] = {}
         for p in self.module.parameters():  # deduplicated: a tied weight appears once
@@ -83,6 +88,7 @@ class DistributedDataParallel(nn.Module):
                 bucket_numel=max(1, bucket_numel),
                 reduce_scatter=self.use_distributed_optimizer,
                 scale=scale,
+                isolated=isolated,
             )
             for (expert, _), params in by_key.items()
         ]

@@ -1,11 +1,14 @@
-"""Finish a step's gradients (Megatron's finalize_model_grads): the tied-embedding sum over the first and
-last pipeline stage, the data-parallel reduction, then the tensor-parallel sum of the sequence-parallel
-parameters' main_grads.
+"""Finish a step's gradients (Megatron's finalize_model_grads): the data-parallel reduction (started
+during the last backward of each chunk, waited for here), the tied-embedding sum over the first and last
+pipeline stage, then the tensor-parallel sum of the sequence-parallel parameters' main_grads.
 
-The tied-embedding sum runs on the UNREDUCED main_grads, before the dp reduction: the distributed
-optimizer's reduce-scatter leaves each rank the dp-sum of its own chunk of every bucket only, and the
-first and last stage lay their buffers out differently, so the chunk one rank owns of the embedding is
-not the chunk its peer owns of the output copy. Summed first, every chunk reduces the already-tied grad.
+The tied-embedding sum runs AFTER the dp reduction, so the reduction can overlap backward at any pp. With
+the distributed optimizer the reduce-scatter leaves each rank the dp-sum of its own chunk of every bucket
+only; the engine gives the tied weight a bucket of its own (DistributedDataParallel(isolated_params=...)),
+so its chunks depend only on its shape and a rank owns the same chunk of the embedding (first stage) as its
+embedding-group peer owns of the output copy (last stage, same dp rank): summing the whole main_grad over
+the pair makes every owned chunk exact (the unowned rest is never read). With a plain all-reduce either
+order is exact: sums commute.
 
 Under sequence parallelism each tp rank runs the norms (and row-parallel biases) on its own T/tp tokens,
 so those replicated parameters (`sequence_parallel = True`) hold partial gradients that must be summed
@@ -59,10 +62,10 @@ def _allreduce_tied_embedding_main_grads(
     if weight is None or embedding_group is None:
         return
     ddp = next(d for d in model_chunks if any(weight is p for p in d.module.parameters()))
-    if ddp.grad_buffer_of(weight).bucket_of[weight].launched:
+    if ddp.use_distributed_optimizer and ddp.grad_buffer_of(weight).bucket_of[weight].params != [weight]:
         raise RuntimeError(
-            "the tied embedding's gradient bucket was reduced before the tied-embedding sum: run the "
-            "pipeline's backwards under no_sync() and let finalize_model_grads start the dp reduction"
+            "the tied embedding shares a gradient bucket under the distributed optimizer: its reduced chunks "
+            "would not line up between the first and last stage; build the DDP with isolated_params=(weight,)"
         )
     allreduce_tied_embedding_grads(chunks, embedding_group)
 
@@ -73,11 +76,11 @@ def finalize_model_grads(
     *,
     embedding_group: dist.ProcessGroup | None = None,
 ) -> None:
-    """After the last micro-batch's backward: the tied-embedding sum over `embedding_group`
-    (build_embedding_group; None at pp = 1 or off the first/last stage), every chunk's dp sync, then the
-    sequence-parallel tp sum. The tied sum needs the dp reduction not started yet (see the docstring)."""
-    _allreduce_tied_embedding_main_grads(model_chunks, embedding_group)
+    """After the last micro-batch's backward: every chunk's dp sync, the tied-embedding sum over
+    `embedding_group` (build_embedding_group; None at pp = 1 or off the first/last stage), then the
+    sequence-parallel tp sum. With a distributed optimizer the tied weight must sit in its own bucket."""
     for chunk in model_chunks:
         chunk.finish_grad_sync()
+    _allreduce_tied_embedding_main_grads(model_chunks, embedding_group)
     for chunk in model_chunks:
         allreduce_sequence_parallel_main_grads(chunk, tp_group)

@@ -117,10 +117,9 @@ def allreduce_tied_embedding_grads(
     """Sum the tied embedding's gradient over the first and last stage (no-op elsewhere and at pp = 1).
 
     Reduces `param.main_grad` when present (DDP wrappers accumulate there), else `param.grad`. Call it
-    after backward of the step's last micro-batch and BEFORE the data-parallel reduction: with the
-    distributed optimizer the reduce-scatter leaves each rank the sum of its own chunk only, and the two
-    stages' buffers are laid out differently, so a sum after it would add unrelated partial sums. (With a
-    plain all-reduce either order is exact: sums commute.) Both ends must call it.
+    after backward of the step's last micro-batch, before or after the data-parallel reduction (after it
+    only when the weight has a gradient bucket of its own under a distributed optimizer: see
+    core/distributed/finalize.py). Both ends must call it.
     """
     weight = tied_embedding_weight(model_chunks)
     if weight is None or embedding_group is None:

@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from ray_local import local_ray
 
 from core.config import OptimConfig, ParallelConfig
 from core.parallel.dims import ParallelDims
-from rl.cluster import ResourcePool, WorkerGroup, init_ray, shutdown_ray
+from rl.cluster import ResourcePool, WorkerGroup
 
 pytestmark = pytest.mark.slow
 
@@ -35,16 +36,8 @@ CALL_TIMEOUT_S = 120.0
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    for attempt in range(3):  # an overloaded 2-core machine can make a local start time out
-        try:
-            init_ray(num_cpus=4, object_store_memory=256 * 1024**2)
-            break
-        except Exception:
-            shutdown_ray()
-            if attempt == 2:
-                raise
-    yield
-    shutdown_ray()
+    with local_ray(object_store_mb=256):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,12 @@ from pathlib import Path
 import pytest
 import torch
 from hf_tiny_gen import EOS_ID, build_tiny_llama
+from ray_local import local_ray
 from test_refit_layouts import MAX_MODEL_LEN, MAX_TOKENS, PROMPTS, hf_greedy
 
 from core.config import ParallelConfig
 from core.parallel.dims import ParallelDims
-from rl.cluster import ResourcePool, WorkerGroup, WorkerGroupError, init_ray, shutdown_ray
+from rl.cluster import ResourcePool, WorkerGroup, WorkerGroupError
 from rl.workers import PolicyWorker
 from rollout.types import GenerationRequest, SamplingParams
 
@@ -81,16 +82,8 @@ def ray_cluster():
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors need not import this test file
-    for attempt in range(3):  # an overloaded 2-core machine can make a local start time out
-        try:
-            init_ray(num_cpus=4, object_store_memory=128 * 1024**2)
-            break
-        except Exception:
-            shutdown_ray()
-            if attempt == 2:
-                raise
-    yield
-    shutdown_ray()
+    with local_ray(object_store_mb=128):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -147,7 +147,7 @@ class EngineModel:
             rows = slice(start, start + self.micro_batch_size)
             length = ids.shape[1]
             if cut and "response_mask" in batch:
-                length = min(length, max(2, _last_position(batch["response_mask"][rows]) + 1))
+                length = min(length, max(2, last_position(batch["response_mask"][rows]) + 1))
             out.append({k: batch[k][rows, :length].to(self.device) for k in keys if k in batch})
         return out
 
@@ -217,7 +217,7 @@ class EngineModel:
         self.engine.finish_load(template)
 
 
-def _last_position(response_mask: torch.Tensor) -> int:
+def last_position(response_mask: torch.Tensor) -> int:
     """The largest column index holding a response token in any row (-1 when there is none)."""
     cols = response_mask.bool().any(dim=0).nonzero()
     return int(cols.max()) if cols.numel() else -1

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from algorithms.engine_model import last_position
 from algorithms.policy import PolicyLossConfig, PolicyModel, token_entropy, token_logprobs
 from algorithms.schedules import build_scheduler
 from core.config import OptimConfig
@@ -116,15 +117,10 @@ class FrozenReference:
         out = {name: torch.zeros(B, T, dtype=torch.float32) for name in names}
         for start in range(0, B, self.micro_batch_size):
             rows = slice(start, start + self.micro_batch_size)
-            length = T if mask is None else max(2, _last_position(mask[rows]) + 1)
+            length = T if mask is None else max(2, last_position(mask[rows]) + 1)
             mb = ids[rows, :length].to(self.device)
             logits = self.model(mb)  # (b, length, V)
             out["logprobs"][rows, :length] = token_logprobs(logits, mb, None, self.temperature).float().cpu()
             if with_entropy:
                 out["entropy"][rows, :length] = token_entropy(logits, None, self.temperature).float().cpu()
         return {name: t.to(ids.device) for name, t in out.items()}
-
-
-def _last_position(response_mask: torch.Tensor) -> int:
-    cols = response_mask.bool().any(dim=0).nonzero()
-    return int(cols.max()) if cols.numel() else -1

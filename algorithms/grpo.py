@@ -638,6 +638,7 @@ def build_policy(cfg: GRPOConfig, model: Any, device: torch.device) -> Any:
         device,
         dtype,
         temperature=logprob_temperature(cfg),
+        compile_layers=cfg.train.compile,
     )
 
 

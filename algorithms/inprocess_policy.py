@@ -45,6 +45,7 @@ class InProcessPolicy:
         device: torch.device,
         param_dtype: torch.dtype = torch.float32,
         temperature: float = 1.0,
+        compile_layers: bool = False,
     ) -> None:
         self.model_config = model.config
         self.policy = PolicyModel.build(
@@ -57,6 +58,7 @@ class InProcessPolicy:
             device=device,
             param_dtype=param_dtype,
             temperature=temperature,
+            compile_layers=compile_layers,
         )
         self.scheduler = build_scheduler(self.policy.engine.optimizer, total_optimizer_steps, optim)
 

@@ -36,7 +36,7 @@ from core.config import (
 )
 from core.data.pretrain_dataset import PretrainBatches
 from core.distributed import DynamicGradScaler
-from core.engine import ModelEngine
+from core.engine import ModelEngine, check_compile_layout
 from core.errors import InputError
 from core.parallel.dims import Groups, ParallelDims, build_groups, validate_model_layout
 from core.parallel.launch import launch
@@ -551,11 +551,8 @@ def validate_layout(cfg: PretrainConfig, config) -> ParallelDims:
     dims = _dims(cfg)
     validate_model_layout(dims, _LayoutView(config, par.vpp))
     cfg.train.grad_accum_steps(par.dp)
-    if cfg.train.compile and max(par.cp, par.ep) > 1:
-        raise InputError(
-            f"train.compile=true needs parallel.cp = ep = 1 (got cp={par.cp}, ep={par.ep}): compiled context- and "
-            "expert-parallel layers are not validated yet; use tp/dp/pp, or train.compile=false"
-        )
+    if cfg.train.compile:
+        check_compile_layout(par)
     if cfg.data.seq_len % (2 * par.cp):
         fits = cfg.data.seq_len // (2 * par.cp) * 2 * par.cp or 2 * par.cp
         raise InputError(

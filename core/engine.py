@@ -43,6 +43,7 @@ from core.distributed import (
     build_optimizer,
     finalize_model_grads,
 )
+from core.errors import InputError
 from core.parallel.collectives import group_size
 from core.parallel.dims import Groups
 from core.pipeline.layout import build_embedding_group, build_stage_modules, tied_embedding_weight
@@ -114,6 +115,15 @@ def split_micro_batch_for_cp(mb: MicroBatch, cp_group: dist.ProcessGroup | None)
     }
 
 
+def check_compile_layout(parallel: ParallelConfig) -> None:
+    """InputError unless compiled layers are validated for the layout: tp, dp and pp are; cp and ep are not."""
+    if max(parallel.cp, parallel.ep) > 1:
+        raise InputError(
+            f"train.compile=true needs parallel.cp = ep = 1 (got cp={parallel.cp}, ep={parallel.ep}): compiled "
+            "context- and expert-parallel layers are not validated yet; use tp/dp/pp, or train.compile=false"
+        )
+
+
 def compile_transformer_layers(chunk: GPTModel) -> None:
     """torch.compile every transformer layer in place (torchtitan's per-block compile): parameter names,
     hooks and the DDP/optimizer wiring are unchanged; all layers share one compiled graph (same code,
@@ -152,8 +162,8 @@ class ModelEngine:
         compile_layers: bool = False,
     ):
         self.config, self.parallel, self.groups, self.device = config, parallel, groups, device
-        if compile_layers and max(parallel.cp, parallel.ep) > 1:
-            raise ValueError("compile_layers needs cp = ep = 1 (compiled cp/ep layers are not validated)")
+        if compile_layers:
+            check_compile_layout(parallel)
         self.grad_scaler = grad_scaler
         self.embedding_group = build_embedding_group(groups) if groups is not None else None
         self.chunks = self._build_chunks()

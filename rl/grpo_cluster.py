@@ -133,7 +133,7 @@ class ClusterRun:
         cfg = self.cfg
         # check_inputs refuses parallel layouts (the single-process command's limit); the workers have them
         self.inputs = check_inputs(cfg.model_copy(update={"parallel": ParallelConfig()}))
-        check_layout(cfg.parallel, self.inputs.source)  # before Ray or any worker starts
+        check_layout(cfg.parallel, self.inputs.source, cfg.train.compile)  # before Ray or any worker starts
         run_dir = Path(cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
@@ -190,6 +190,7 @@ class ClusterRun:
             seed=cfg.train.seed,
             temperature=logprob_temperature(cfg),  # trainer / reference logprobs at the sampling one
             engine=self._engine_spec() if with_engine else None,
+            compile_layers=cfg.train.compile,
         )
 
     def _engine_spec(self, hf_dir: str | None = None) -> Any:
@@ -358,13 +359,16 @@ class ClusterRun:
             self._owns_ray = False
 
 
-def check_layout(parallel: ParallelConfig, source: Any) -> None:
+def check_layout(parallel: ParallelConfig, source: Any, compile_layers: bool = False) -> None:
     """InputError (one line, what to change) if the initial model cannot be split as `parallel` says."""
     from algorithms.pretrain import _LayoutView
     from algorithms.rl_inputs import load_init_model
     from core.bridge.hf import read_hf_config
+    from core.engine import check_compile_layout
     from core.parallel.dims import ParallelDims, validate_model_layout
 
+    if compile_layers:
+        check_compile_layout(parallel)
     if parallel.world_size == 1:
         return
     config = read_hf_config(source.path)[1] if source.kind == "hf" else load_init_model(source).config

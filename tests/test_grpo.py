@@ -298,6 +298,29 @@ def test_one_step_climbs_the_surrogate_objective(pretrained):
     assert change.sum(-1)[negative].mean() < 0
 
 
+def test_train_compile_compiles_the_policy_layers(pretrained):
+    """train.compile=true reaches the policy's ModelEngine: its layers run compiled (Dynamo makes graphs) and
+    give the eager policy's logprobs (fp32, within 1e-5)."""
+    from torch._dynamo.utils import counters
+
+    from algorithms.grpo import build_policy
+    from algorithms.rl_inputs import load_init_model
+
+    hf = pretrained / "hf"
+    eager_cfg = tiny_cfg(hf)
+    compiled_cfg = eager_cfg.model_copy(
+        update={"train": eager_cfg.train.model_copy(update={"compile": True})}
+    )
+    model = load_init_model(resolve_init(hf))
+    eager = build_policy(eager_cfg, model, torch.device("cpu"))
+    batch = sampled_batch(hf, eager_cfg, eager)
+    counters.clear()
+    compiled = build_policy(compiled_cfg, model, torch.device("cpu"))
+    got = compiled.logprobs(batch)["logprobs"]
+    assert counters["stats"]["unique_graphs"] > 0
+    torch.testing.assert_close(got, eager.logprobs(batch)["logprobs"], rtol=0, atol=1e-5)
+
+
 def test_frozen_reference_and_tempered_logprobs(pretrained):
     """Reference: forward only (no grads, no optimizer), equal to the initial policy and unmoved by training.
     At sampling temperature T the policy's and reference's logprobs are log_softmax(logits / T); the
@@ -394,9 +417,10 @@ def test_bad_config_exits_2_before_writing(pretrained, tmp_path, capsys):
         "parallel.tp=2": "num_kv_heads=1 is not divisible by parallel.tp=2",  # checked before Ray starts
         "rollout.max_tokens=500": "max_position_embeddings",
         "data.path=/nope.jsonl": "exactly one of data.path and data.synthetic",
+        "train.compile=true parallel.dp=2 parallel.ep=2": "train.compile=true needs parallel.cp = ep = 1",
     }
     for override, message in cases.items():
-        assert rl_grpo(run_dir, pretrained / "hf", override) == 2
+        assert rl_grpo(run_dir, pretrained / "hf", *override.split()) == 2
         assert message in capsys.readouterr().err
     assert rl_grpo(run_dir, tmp_path / "missing") == 2
     assert "rl pretrain configs/pretrain_tiny.yaml" in capsys.readouterr().err

@@ -46,6 +46,7 @@ def build_policy_model(spec: PolicySpec, groups: Any, device: torch.device) -> P
         device=device,
         param_dtype=param_dtype(spec.precision, device),
         temperature=spec.temperature,
+        compile_layers=spec.compile_layers,
     )
 
 

@@ -46,6 +46,7 @@ class PolicySpec:
     seed: int = 0
     temperature: float = 1.0
     engine: EngineSpec | None = None  # colocated generation on the policy's own parameters
+    compile_layers: bool = False  # torch.compile each transformer layer (ModelEngine)
 
 
 @dataclass(frozen=True)

@@ -155,15 +155,13 @@ def sample(
     On CUDA without filters the whole draw is one Inductor-compiled function: the fp32 upcast, noise
     hash, Gumbel argmax and log-sum-exp read the (S, V) logits a few times instead of writing a dozen
     (S, V) temporaries (each a full pass over memory in eager mode)."""
-    if logits.is_cuda and not apply_filters:
-        return _compiled_draw()(logits, rows.temperature, rows.keys, steps, any_random)
+    if not (apply_filters and any_random):
+        draw = _compiled_draw() if logits.is_cuda else _draw
+        return draw(logits, rows.temperature, rows.keys, steps, any_random)
     logits = logits.float()
-    if not any_random:
-        return _draw(logits, rows.temperature, rows.keys, steps, False)
     greedy = rows.temperature == 0
     scaled = logits / torch.where(greedy, 1.0, rows.temperature)[:, None]
-    if apply_filters:
-        scaled = filter_top_k_top_p(scaled, rows.top_k, rows.top_p)
+    scaled = filter_top_k_top_p(scaled, rows.top_k, rows.top_p)
     tokens = torch.where(greedy, logits.argmax(dim=-1), _gumbel_argmax(scaled, rows.keys, steps))
     return tokens, _raw_logprobs(logits, tokens)
 

@@ -35,7 +35,9 @@ from core.tensor_parallel import (
 TP = 2
 B, T, H, FFN, V = 2, 4, 8, 16, 16
 TOL = dict(atol=1e-6, rtol=1e-6)
-MLP_MODES = ["tp", "sequence_parallel", "gathered"]
+# "+compile": the same module under torch.compile, so the collectives are traced (functional collectives,
+# in the compiled backward too): a compiled tp2 model once trained with wrong gradients over NCCL.
+MLP_MODES = ["tp", "sequence_parallel", "gathered", "tp+compile", "sequence_parallel+compile"]
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -100,6 +102,9 @@ class _TPMLP(nn.Module):
 
 
 def _mlp_case(tp_group, rank: int, mode: str, d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from torch._dynamo.utils import counters
+
+    mode, _, compiled = mode.partition("+")
     model = _TPMLP(tp_group, mode)
     with torch.no_grad():
         model.norm.weight.copy_(d["ln_w"])
@@ -111,10 +116,12 @@ def _mlp_case(tp_group, rank: int, mode: str, d: dict[str, torch.Tensor]) -> dic
     sp = mode == "sequence_parallel"
     x = (_chunk(d["x"], 1, rank) if sp else d["x"].clone()).requires_grad_()
     dy = _chunk(d["dy"], 1, rank) if sp else d["dy"]
-    y = model(x)  # (B, T / tp, H) under SP, else (B, T, H)
+    counters.clear()
+    forward = torch.compile(model) if compiled else model
+    y = forward(x)  # (B, T / tp, H) under SP, else (B, T, H)
     (y * dy).sum().backward()
     allreduce_sequence_parallel_grads(model, tp_group)
-    out = {"y": y.detach(), "dx": x.grad}
+    out = {"y": y.detach(), "dx": x.grad, "graphs": counters["stats"]["unique_graphs"]}
     out |= {name: p.grad for name, p in model.named_parameters()}
     return out
 
@@ -220,7 +227,8 @@ def _cat(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
 def test_column_row_mlp_matches_single_process(world, mode: str) -> None:
     ref = _reference_mlp(_data())
     per_rank = [r["mlp"][mode] for r in world]
-    sp = mode == "sequence_parallel"
+    assert all((r["graphs"] > 0) == mode.endswith("+compile") for r in per_rank)
+    sp = mode.startswith("sequence_parallel")
     if sp:  # activations and input-gradients are sequence shards
         close(_cat([r["y"] for r in per_rank], 1), ref["y"])
         close(_cat([r["dx"] for r in per_rank], 1), ref["x"])

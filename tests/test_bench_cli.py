@@ -1,4 +1,4 @@
-"""`rl bench generate` and `rl bench refit` run end to end at the smallest sizes and print their rows.
+"""`rl bench train`, `rl bench generate` and `rl bench refit` run end to end at the smallest sizes and print their rows.
 
 Timings are not asserted (they belong to the benchmark's output, not to tests); what is asserted is
 that every requested implementation got a row with numbers, and that each generation engine made
@@ -42,3 +42,13 @@ def test_bench_refit_prints_baseline_refit_and_use_model_rows(capsys: pytest.Cap
     # Both copying rows move the whole HF-named stream; use_model copies nothing.
     assert table["hf load_state_dict"][1] == table["native refit_engine (256 MiB)"][1] != "0.0000"
     assert table["native use_model (no copy)"][1] == "0.0000"
+
+
+def test_bench_train_prints_model_engine_and_baseline_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "train", "--preset", "llama_tiny", "--seq-len", "16", "--micro-batch-size", "2"]
+    assert main([*argv, "--steps", "2", "--warmup", "1", "--engine"]) == 0
+    table = rows(capsys.readouterr().out)
+    assert set(table) == {"tandem GPTModel", "tandem ModelEngine", "transformers (baseline)"}
+    for name, cells in table.items():
+        assert float(cells[0].replace(",", "")) > 0, f"{name}: {cells}"  # tokens/s
+    assert table["transformers (baseline)"][-1] == "1.00x"

@@ -62,6 +62,40 @@ def ours_step_fn(config, batch, device, dtype, compile_model: bool):
     return step, model
 
 
+def engine_step_fn(config, batch, device, dtype, compile_model: bool):
+    """What `rl pretrain` runs on one device: ModelEngine with fp32 master weights and an fp32 gradient
+    buffer (DDP hooks), the global-norm clip and AdamW on the masters; compile = per-layer compile."""
+    from core.config import OptimConfig, ParallelConfig
+    from core.engine import ModelEngine
+    from core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+    from core.transformer.model import GPTModel
+
+    full_state = GPTModel(config).state_dict()
+    engine = ModelEngine(
+        config,
+        ParallelConfig(),
+        OptimConfig(lr=1e-4, min_lr=1e-4),
+        None,
+        device,
+        full_state,
+        dtype,
+        compile_layers=compile_model,
+    )
+    del full_state
+    input_ids, labels = batch
+    micro_batch = {"input_ids": input_ids, "labels": labels}
+    n_tokens = float(labels.numel())
+
+    def loss_fn(logits, mb):
+        loss_sum = vocab_parallel_cross_entropy(logits, mb["labels"], None).sum()
+        return loss_sum / n_tokens, {"loss_sum": loss_sum.detach()}
+
+    def step():
+        engine.train_step([micro_batch], loss_fn, clip_grad=1.0)
+
+    return step, engine
+
+
 def hf_step_fn(config, batch, device, dtype, compile_model: bool):
     from transformers import AutoModelForCausalLM
 

@@ -22,6 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--compile", action="store_true", help="torch.compile both models")
     t.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
+    t.add_argument(
+        "--engine",
+        action="store_true",
+        help="also time ModelEngine (what rl pretrain runs: fp32 masters and grad buffer, clipping)",
+    )
     t.set_defaults(func=run_train)
     _register_generate(kinds)
     _register_refit(kinds)
@@ -135,7 +140,7 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from core.models import preset
-    from rl.bench.train import format_table, hf_step_fn, ours_step_fn, run_one
+    from rl.bench.train import engine_step_fn, format_table, hf_step_fn, ours_step_fn, run_one
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -152,6 +157,8 @@ def run_train(args: argparse.Namespace) -> int:
     )
     suffix = " +compile" if args.compile else ""
     results = [run_one(f"tandem GPTModel{suffix}", ours_step_fn, config, **shape)]
+    if args.engine:
+        results.append(run_one(f"tandem ModelEngine{suffix}", engine_step_fn, config, **shape))
     if not args.no_baseline:
         results.append(run_one(f"transformers{suffix} (baseline)", hf_step_fn, config, **shape))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

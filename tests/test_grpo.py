@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_llama import tiny_llama_config
 
 from algorithms.grpo import (
     GRPOConfig,
@@ -151,28 +152,16 @@ GRPO_FAST = [
 def pretrained(tmp_path_factory) -> Path:
     """A run directory with hf/: a tiny Llama (hidden 64, 2 layers) teacher-forced for 40 Adam steps on
     arithmetic text, enough to answer with digits and EOS (mostly wrong answers). ~2 s."""
-    import dataclasses
 
     from core.bridge import save_hf
     from core.data.synthetic import generate_arithmetic, save_char_tokenizer
     from core.data.tokenizer import load_tokenizer
-    from core.models import preset
     from core.transformer.model import GPTModel
 
     run_dir = tmp_path_factory.mktemp("pretrain")
     tok_dir = save_char_tokenizer(run_dir / "tokenizer")
     tok = load_tokenizer(tok_dir)
-    config = dataclasses.replace(
-        preset("llama_tiny"),
-        vocab_size=64,
-        hidden_size=64,
-        num_layers=2,
-        num_attention_heads=2,
-        num_kv_heads=1,
-        head_dim=None,
-        ffn_hidden_size=128,
-        max_position_embeddings=32,
-    )
+    config = tiny_llama_config(num_kv_heads=1, init_std=None)
     torch.manual_seed(0)
     model = GPTModel(config)
     problems, _ = generate_arithmetic(640, 0, seed=0)

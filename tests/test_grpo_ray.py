@@ -24,6 +24,7 @@ import pytest
 import ray
 import torch
 from ray_local import local_ray
+from tiny_llama import save_random_tiny_llama
 
 from core.config import OptimConfig, ParallelConfig
 from core.parallel.dims import ParallelDims
@@ -43,28 +44,10 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
     """A random tiny Llama with the char tokenizer as an HF directory (2 kv heads: tp2 splits them)."""
-    from core.bridge import save_hf
     from core.data.synthetic import save_char_tokenizer
-    from core.models import preset
-    from core.transformer.model import GPTModel
 
     root = tmp_path_factory.mktemp("tiny")
-    tok_dir = save_char_tokenizer(root / "tokenizer")
-    config = dataclasses.replace(
-        preset("llama_tiny"),
-        vocab_size=64,
-        hidden_size=64,
-        num_layers=2,
-        num_attention_heads=2,
-        num_kv_heads=2,
-        head_dim=None,
-        ffn_hidden_size=128,
-        max_position_embeddings=32,
-        init_std=0.1,
-    )
-    torch.manual_seed(0)
-    save_hf(GPTModel(config), root / "hf", tokenizer_dir=tok_dir)
-    return root / "hf"
+    return save_random_tiny_llama(root / "hf", tokenizer_dir=save_char_tokenizer(root / "tokenizer"))
 
 
 # ---- parity ----------------------------------------------------------------------------------------------

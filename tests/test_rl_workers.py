@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_llama import save_random_tiny_llama
 
 from algorithms.grpo import build_batch, sampling_requests
 from core.config import OptimConfig, ParallelConfig
@@ -36,26 +37,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
-    from core.bridge import save_hf
-    from core.models import preset
-    from core.transformer.model import GPTModel
-
-    config = dataclasses.replace(
-        preset("llama_tiny"),
-        vocab_size=64,
-        hidden_size=64,
-        num_layers=2,
-        num_attention_heads=2,
-        num_kv_heads=2,
-        head_dim=None,
-        ffn_hidden_size=128,
-        max_position_embeddings=32,
-        init_std=0.1,
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "hf"
-    save_hf(GPTModel(config), path)
-    return path
+    return save_random_tiny_llama(tmp_path_factory.mktemp("tiny") / "hf")
 
 
 def specs(hf_dir: Path):

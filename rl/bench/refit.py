@@ -279,43 +279,12 @@ def format_table(results: list[RefitResult], baseline: str = BASELINE) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m rl.bench.refit`: the refit table for one preset, engine and set of transports."""
-    import argparse
-    import tempfile
+    """`python -m rl.bench.refit ARGS` is `rl bench refit ARGS`."""
+    import sys
 
-    from core.models import preset
+    from rl.cli import main as rl_main
 
-    parser = argparse.ArgumentParser(prog="python -m rl.bench.refit", description=__doc__)
-    parser.add_argument("--preset", default="llama_tiny")
-    parser.add_argument("--engine", choices=["native", "vllm"], default="native")
-    parser.add_argument("--transport", default="same-process", help=f"comma list of {', '.join(TRANSPORTS)}")
-    parser.add_argument("--bucket-mb", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
-    args = parser.parse_args(argv)
-    try:
-        transports = parse_transports(args.transport)
-    except InputError as e:
-        parser.error(str(e))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    with tempfile.TemporaryDirectory(prefix="tandem-bench-refit-") as workdir:
-        results = run_refit_bench(
-            preset(args.preset),
-            args.engine,
-            device,
-            dtype,
-            args.bucket_mb << 20,
-            Path(workdir),
-            args.repeats,
-            transports,
-        )
-    print(
-        f"refit bench: {args.preset}, {dtype_name}, {device.type}, mean of {args.repeats} after one untimed"
-    )
-    print(format_table(results))
-    return 0
+    return rl_main(["bench", "refit", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from dist import run_distributed
+from numerics import close as check_close
 
 from algorithms.critic import CriticModel, RewardModel, ValueLossConfig, value_model_from_lm
 from core.config import OptimConfig, ParallelConfig
@@ -32,10 +33,7 @@ TOL = 1e-5
 
 
 def close(got: torch.Tensor | float, want: torch.Tensor | float, tol: float = TOL) -> None:
-    got64, want64 = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
-    assert got64.shape == want64.shape, (got64.shape, want64.shape)
-    excess = float(((got64 - want64).abs() - tol * (1 + want64.abs())).max())
-    assert excess <= 0, f"off by {excess:.3g} beyond the tolerance"
+    check_close(got, want, tol)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from numerics import close
 from ray_local import local_ray
 from tiny_llama import save_random_tiny_llama
 
@@ -69,14 +70,6 @@ def rl_batch(seed: int = 0, B: int = 8, T: int = 12) -> dict[str, torch.Tensor]:
         "advantages": advantages.contiguous(),
         "old_logprobs": old,
     }
-
-
-def close(got, want, tol: float) -> None:
-    """|got - want| <= tol * (1 + |want|) elementwise."""
-    got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
-    assert got.shape == want.shape
-    excess = float(((got - want).abs() - tol * (1 + want.abs())).max())
-    assert excess <= 0, f"off by {excess:.3g} beyond the tolerance"
 
 
 def test_tp2_policy_group_matches_single_process(ray_cluster, hf_dir: Path) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 from dist import run_distributed
+from numerics import close
 
 from algorithms.losses import AGG_MODES
 from algorithms.policy import AggMode, PolicyLossConfig, PolicyModel
@@ -43,14 +44,6 @@ LOSSES = {
 }
 LOGPROB_TOL = 1e-5
 WEIGHT_TOL = 1e-6
-
-
-def close(got: torch.Tensor | float, want: torch.Tensor | float, tol: float) -> None:
-    """|got - want| <= tol * (1 + |want|) elementwise."""
-    got64, want64 = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
-    assert got64.shape == want64.shape, (got64.shape, want64.shape)
-    excess = float(((got64 - want64).abs() - tol * (1 + want64.abs())).max())
-    assert excess <= 0, f"off by {excess:.3g} beyond the tolerance"
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from numerics import close as check_close
 
 from algorithms.advantages import (
     ADVANTAGES,
@@ -28,13 +29,7 @@ NAN = float("nan")
 
 
 def close(got: torch.Tensor | float, want: torch.Tensor | float, tol: float = 1e-6) -> None:
-    """|got - want| <= tol * (1 + |want|) elementwise (torch.testing.assert_close costs ~9 s of lazy imports
-    on its first call)."""
-    got64 = torch.as_tensor(got, dtype=torch.float64)
-    want64 = torch.as_tensor(want, dtype=torch.float64)
-    assert got64.shape == want64.shape, (got64.shape, want64.shape)
-    err = (got64 - want64).abs() - tol * (1 + want64.abs())
-    assert bool((err <= 0).all()), f"max excess {float(err.max()):.3g}:\ngot  {got64}\nwant {want64}"
+    check_close(got, want, tol)
 
 
 def random_batch(seed: int = 0, B: int = 5, T: int = 9) -> dict[str, torch.Tensor]:

@@ -23,22 +23,21 @@ differ by design; check refit with a T = 1 run).
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from algorithms.inprocess_policy import PolicyLossConfig
 from algorithms.interfaces import Batch, Environment, Generator, Policy, Reference, WeightSync
+from algorithms.model_config import SourceModelConfig
 from algorithms.rl_inputs import PromptLoader, Row
-from core.config import OptimConfig, ParallelConfig, PrecisionConfig, RunConfig, Schema, TrainConfig
+from algorithms.trainer import LoopConfig, Trainer, model_meta, timed
+from core.config import Placement, RayOptions, RunConfig, Schema
 from core.errors import InputError
 from rollout.environments import Completion, Score
 from rollout.types import GenerationRequest, GenerationResult, SamplingParams
@@ -46,12 +45,7 @@ from rollout.types import GenerationRequest, GenerationResult, SamplingParams
 # ---------------------------------------------------------------------------------------------- config
 
 
-class GRPOModelConfig(Schema):
-    init_from: str = Field(
-        description="HF checkpoint dir, converted (native) dir, an `rl pretrain` run dir or one of its "
-        "checkpoints/step_N"
-    )
-    tokenizer: str | None = Field(None, description="tokenizer dir; default: the one next to the weights")
+GRPOModelConfig = SourceModelConfig  # the name older code imports
 
 
 class ArithmeticPromptsConfig(Schema):
@@ -91,14 +85,29 @@ class RolloutConfig(Schema):
 
 
 class EnvironmentConfig(Schema):
-    name: Literal["arithmetic", "exact_match", "math"] = "arithmetic"
+    name: Literal["arithmetic", "exact_match", "math", "reward_model"] = "arithmetic"
     correct_reward: float = 1.0
     format_reward: float = Field(0.0, description="added for a well-formed response (answer + EOS)")
     answer_key: str = Field("answer", description="exact_match / math: the row's reference field")
+    path: str | None = Field(None, description="reward_model: an `rl rm` run directory or its reward_model/")
+    verifier: Literal["arithmetic", "exact_match", "math"] | None = Field(
+        None, description="reward_model: what reports `correct` (accuracy metrics); none: score > 0"
+    )
 
-    def build(self) -> Any:
+    @model_validator(mode="after")
+    def _reward_model_path(self) -> EnvironmentConfig:
+        if (self.name == "reward_model") != (self.path is not None):
+            raise ValueError("environment.path is needed with name=reward_model, and only with it")
+        return self
+
+    def build(self, tokenizer: Any = None) -> Any:
         from rollout.environments import build_environment
 
+        if self.name == "reward_model":
+            from algorithms.reward_env import RewardModelEnvironment
+
+            verifier = EnvironmentConfig(name=self.verifier).build() if self.verifier else None
+            return RewardModelEnvironment(self.path, tokenizer, verifier=verifier)
         kwargs: dict[str, Any] = {"correct_reward": self.correct_reward, "format_reward": self.format_reward}
         if self.name != "arithmetic":
             kwargs["answer_key"] = self.answer_key
@@ -106,10 +115,21 @@ class EnvironmentConfig(Schema):
 
 
 class AlgorithmConfig(Schema):
-    advantage: Literal["grpo", "rloo", "reinforce_plus_plus"] = "grpo"
+    advantage: str = Field("grpo", description="an ADVANTAGES estimator: grpo, rloo, reinforce_plus_plus")
     norm_by_std: bool = Field(True, description="grpo: divide by the group's std (False: Dr. GRPO)")
     gamma: float = Field(1.0, ge=0, le=1, description="reinforce_plus_plus: discount")
     loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig)
+
+    @field_validator("advantage")
+    @classmethod
+    def _known_estimator(cls, name: str) -> str:
+        from algorithms.advantages import ADVANTAGES
+
+        if name not in ADVANTAGES:
+            raise ValueError(f"unknown advantage estimator {name!r}; choices: {ADVANTAGES.names()}")
+        if name == "gae":
+            raise ValueError("advantage=gae needs a critic's values (PPO); GRPO trains without a critic")
+        return name
 
 
 class EvalConfig(Schema):
@@ -124,18 +144,54 @@ class EvalConfig(Schema):
     )
 
 
-class GRPOConfig(Schema):
+class GRPOConfig(LoopConfig):
+    """GRPO, in this process or on Ray worker groups (a `placement`, or parallel.* > 1)."""
+
     run: RunConfig = Field(default_factory=lambda: RunConfig(dir="runs/grpo"))
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    model: GRPOModelConfig
+    model: SourceModelConfig
     data: PromptsConfig = Field(default_factory=lambda: PromptsConfig(synthetic=ArithmeticPromptsConfig()))
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     environment: EnvironmentConfig = Field(default_factory=EnvironmentConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
+    weight_transport: Literal["auto", "process_group", "shared_memory", "object_store"] = Field(
+        "auto",
+        description="Ray: refit of separate engines. auto: shared_memory when colocated, else process_group",
+    )
+
+    @property
+    def on_ray(self) -> bool:
+        return super().on_ray or self.parallel.world_size > 1
+
+    @property
+    def cluster_placement(self) -> Placement:
+        """The placement a Ray run uses (colocated on one bundle when the config gives none)."""
+        return self.placement or Placement()
+
+    @property
+    def cluster_ray(self) -> RayOptions:
+        return self.ray or RayOptions()
+
+    @property
+    def colocated_engines(self) -> bool:
+        """On Ray: the policy workers host the engines themselves."""
+        return self.cluster_placement.mode == "colocated" and self.rollout.engine == "native"
+
+    @model_validator(mode="after")
+    def _cluster_layout(self) -> GRPOConfig:
+        p, placement = self.parallel, self.cluster_placement
+        if p.cp > 1:
+            raise ValueError("parallel.cp > 1: the RL policy does not support context parallelism yet")
+        if self.colocated_engines and p.pp > 1:
+            raise ValueError(
+                "placement.mode=colocated with rollout.engine=native generates on the policy's own "
+                "parameters, which needs parallel.pp=1 (use mode=disaggregated for pipeline layouts)"
+            )
+        if placement.mode == "disaggregated":
+            missing = [role for role in ("policy", "generation") if role not in placement.pools]
+            if missing:
+                raise ValueError(f"placement.pools needs a size for {missing} (mode=disaggregated)")
+        return self
 
     @model_validator(mode="after")
     def _batch_sizes(self) -> GRPOConfig:
@@ -282,15 +338,6 @@ def mean_metrics(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in sorted(keys)}
 
 
-@contextmanager
-def timed(times: dict[str, float], name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        times[f"time/{name}"] = time.perf_counter() - start
-
-
 # ------------------------------------------------------------------------------------------------- loop
 
 
@@ -305,19 +352,38 @@ class Components:
     tokenizer: Any
     reference: Reference | None = None
     colocated: bool = True  # generator shares the policy's devices: sleep it while training
+    model_config: Any = None  # the policy's TransformerConfig (checkpoint meta, hf/ export)
+    tokenizer_dir: Path | None = None
+    arch: Any = None  # the HF architecture of the exports (None: inferred)
 
 
-class GRPOTrainer:
-    """The driver: phases as methods, `step` their composition, `fit` the loop with logging and checkpoints."""
+class GRPOTrainer(Trainer):
+    """The driver on the shared trainer: phases as methods, `step` their composition; the base owns the
+    loop, logging, checkpoints and the export."""
+
+    stage: ClassVar[str] = "grpo"
+    shown: ClassVar[tuple[str, ...]] = (
+        "reward/mean",
+        "reward/accuracy",
+        "eval/accuracy",
+        "rollout/logprob_gap_max",
+    )
+    plotted: ClassVar[tuple[str, ...]] = (
+        "reward/mean",
+        "reward/accuracy",
+        "eval/accuracy",
+        "eval/sampled_accuracy",
+        "train/kl",
+        "rollout/logprob_gap_max",
+    )
 
     def __init__(
         self, cfg: GRPOConfig, parts: Components, train_rows: list[Row], eval_rows: list[Row]
     ) -> None:
-        self.cfg, self.parts = cfg, parts
-        self.run_dir = Path(cfg.run.dir)
+        super().__init__(cfg)
+        self.parts = parts
         self.loader = PromptLoader(train_rows, cfg.rollout.prompts_per_step, cfg.train.seed, cfg.data.shuffle)
         self.eval_rows = eval_rows[: cfg.eval.num_prompts]
-        self.step_count = 0
         self._synced_step = -1  # the step whose weights the generator holds
         self.maybe_resume()
 
@@ -396,7 +462,6 @@ class GRPOTrainer:
             self.advantages(batch)
         with timed(times, "train"):
             train_metrics = self.train(batch)
-        self.step_count += 1
         times["time/step"] = time.perf_counter() - start
         return {**rollout_metrics(batch, rollouts.scores, rollouts.results), **gap, **train_metrics, **times}
 
@@ -439,80 +504,34 @@ class GRPOTrainer:
         self.score(rollouts)
         return rollouts.scores
 
-    def save(self) -> Path:
-        """checkpoints/step_N, atomically: policy (weights, optimizer, schedule) + driver state, written
-        under .tmp-step_N and renamed once complete (a crash leaves the previous checkpoint)."""
-        from core.checkpoint.checkpointer import MARKER, list_checkpoints, rng_state
+    # ---- checkpoints and export (the base trainer drives them) ------------------------------------------
 
-        root = self.run_dir / "checkpoints"
-        final, tmp = root / f"step_{self.step_count}", root / f".tmp-step_{self.step_count}"
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-        self.parts.policy.save(tmp / "policy")
-        driver = {"step": self.step_count, "data": self.loader.state_dict(), "rng": rng_state()}
-        torch.save(driver, tmp / "trainer.pt")
-        (tmp / MARKER).write_text(f"{self.step_count}\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for _, old in list_checkpoints(root)[: -self.cfg.train.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.eval_rows)
 
-    def maybe_resume(self) -> None:
-        """Continue from the newest complete checkpoint in run.dir, if any."""
-        from core.checkpoint.checkpointer import latest_checkpoint, set_rng_state
+    def save_model(self, path: Path) -> None:
+        self.parts.policy.save(path)  # path/model (DCP: weights + optimizer) and the LR schedule
 
-        path = latest_checkpoint(self.run_dir / "checkpoints")
-        if path is None:
-            return
-        self.parts.policy.load(path / "policy")
-        driver = torch.load(path / "trainer.pt", weights_only=False)
-        self.step_count = int(driver["step"])
-        self.loader.load_state_dict(driver["data"])
-        set_rng_state(driver["rng"])
+    def load_model(self, path: Path) -> None:
+        self.parts.policy.load(path)
+        self._synced_step = -1
 
-    def _due(self, every: int) -> bool:
-        return (every > 0 and self.step_count % every == 0) or self.step_count == self.cfg.train.max_steps
+    def loop_state(self) -> dict[str, Any]:
+        return {"data": self.loader.state_dict()}
 
-    def fit(self) -> dict[str, float]:
-        from core.utils.metrics import MetricsLogger
+    def load_loop_state(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["data"])
 
-        tcfg = self.cfg.train
-        logger = MetricsLogger(self.run_dir, resume_step=self.step_count)
-        bar = _progress(tcfg.max_steps, self.step_count, tcfg.progress_bar)
-        last: dict[str, float] = {}
-        try:
-            if self.step_count == 0 and tcfg.eval_every > 0 and self.eval_rows:
-                logger.log(0, self.evaluate())  # the starting point of the validation curve
-            while self.step_count < tcfg.max_steps:
-                metrics = self.step()
-                if self._due(tcfg.eval_every) and self.eval_rows:
-                    with timed(metrics, "eval"):
-                        metrics.update(self.evaluate())
-                if self._due(tcfg.save_every):
-                    with timed(metrics, "save"):
-                        self.save()
-                if self._due(tcfg.log_every) or "eval/accuracy" in metrics:
-                    logger.log(self.step_count, metrics)
-                    last = metrics
-                bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in SHOWN if k in metrics})
-                bar.update(1)
-        finally:
-            bar.close()
-            logger.close()
-        return last
+    def meta(self) -> dict[str, Any]:
+        return model_meta(self.parts.model_config, self.parts.arch)
 
-    def export(self, model_config: Any, tokenizer_dir: str | Path | None) -> Path:
-        """hf/: the trained policy as a Hugging Face checkpoint (+ tokenizer), written under a temp name."""
-        out, tmp = self.run_dir / "hf", self.run_dir / ".tmp-hf"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_hf(self.parts.policy.hf_weights(), model_config, tmp, tokenizer_dir)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-        return out
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        return self.parts.tokenizer_dir
+
+    def write_hf(self, path: Path) -> None:
+        write_hf(self.parts.policy.hf_weights(), self.parts.model_config, path, self.parts.tokenizer_dir)
 
 
 def write_hf(
@@ -537,17 +556,6 @@ def write_hf(
     (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
-SHOWN = ("reward/mean", "reward/accuracy", "eval/accuracy", "rollout/logprob_gap_max")
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total, initial=initial, disable=not enabled, desc="grpo", unit="step", dynamic_ncols=True
-    )
-
-
 # ------------------------------------------------------------------------------------------------ build
 
 
@@ -567,17 +575,24 @@ class Inputs:
 def check_inputs(cfg: GRPOConfig) -> Inputs:
     """Model source, tokenizer, environment, every prompt row and the context length, checked up front."""
     from algorithms.evaluation import encode_prompt
-    from algorithms.rl_inputs import arithmetic_prompts, read_prompt_file, resolve_init
+    from algorithms.rl_inputs import (
+        arithmetic_prompts,
+        init_arch_name,
+        init_config,
+        read_prompt_file,
+        resolve_init,
+    )
     from core.data.tokenizer import load_tokenizer
 
     if cfg.parallel.world_size > 1:
         raise InputError("rl grpo runs in a single process for now: set parallel.tp/pp/cp/dp to 1")
     source = resolve_init(cfg.model.init_from)
+    cfg.model.check_source(init_config(source), init_arch_name(source))
     tokenizer_dir = Path(cfg.model.tokenizer) if cfg.model.tokenizer else source.tokenizer
     if tokenizer_dir is None:
         raise InputError(f"model.tokenizer: no tokenizer next to {source.path}; set model.tokenizer")
     tokenizer = load_tokenizer(tokenizer_dir)
-    env = cfg.environment.build()
+    env = cfg.environment.build(tokenizer)
     if cfg.data.synthetic is not None:
         syn = cfg.data.synthetic
         train_rows, eval_rows = arithmetic_prompts(syn.n_train, syn.n_eval, syn.digits, syn.ops, syn.seed)
@@ -610,7 +625,7 @@ def _max_positions(source: Any) -> int | None:
 def build_components(cfg: GRPOConfig, inputs: Inputs, device: torch.device) -> tuple[Components, Any]:
     """In-process policy (+ reference), generation engine and weight sync; returns them and the model
     config (for the HF export)."""
-    from algorithms.rl_inputs import load_init_model
+    from algorithms.rl_inputs import init_arch_name, load_init_model
 
     torch.manual_seed(cfg.train.seed)
     full = load_init_model(inputs.source)
@@ -619,13 +634,24 @@ def build_components(cfg: GRPOConfig, inputs: Inputs, device: torch.device) -> t
     reference = build_reference(cfg, full, device) if needs_reference(cfg) else None
     del full
     generator, sync, colocated = build_generator(cfg, inputs, policy, device)
-    parts = Components(policy, generator, sync, inputs.environment, inputs.tokenizer, reference, colocated)
+    parts = Components(
+        policy,
+        generator,
+        sync,
+        inputs.environment,
+        inputs.tokenizer,
+        reference,
+        colocated,
+        model_config=model_config,
+        tokenizer_dir=inputs.tokenizer_dir,
+        arch=init_arch_name(inputs.source),
+    )
     return parts, model_config
 
 
 def build_policy(cfg: GRPOConfig, model: Any, device: torch.device) -> Any:
     from algorithms.inprocess_policy import InProcessPolicy
-    from algorithms.pretrain import param_dtype
+    from core.utils.device import param_dtype
 
     total = cfg.train.max_steps * cfg.optimizer_steps_per_step
     dtype = param_dtype(cfg.precision, device)
@@ -655,7 +681,7 @@ def needs_reference(cfg: GRPOConfig) -> bool:
 def build_reference(cfg: GRPOConfig, model: Any, device: torch.device) -> Any:
     """The initial policy, frozen: forward only, no optimizer state or gradient buffers."""
     from algorithms.inprocess_policy import FrozenReference
-    from algorithms.pretrain import param_dtype
+    from core.utils.device import param_dtype
 
     dtype = param_dtype(cfg.precision, device)
     return FrozenReference(model, cfg.train.micro_batch_size, device, dtype, logprob_temperature(cfg))
@@ -693,33 +719,39 @@ def build_generator(
     return engine, lambda version: refit_engine(engine, policy.hf_weights(), version), False
 
 
+def check_for_run(cfg: GRPOConfig) -> Inputs:
+    """Every input before anything is written: the single-process checks, and on Ray the layout too
+    (check_inputs itself refuses parallel layouts: one process has none; Ray workers have them)."""
+    if not cfg.on_ray:
+        return check_inputs(cfg)
+    from algorithms.rl_inputs import init_config
+    from core.config import ParallelConfig
+    from core.engine import check_compile_layout
+
+    inputs = check_inputs(cfg.model_copy(update={"parallel": ParallelConfig()}))
+    if cfg.train.compile:
+        check_compile_layout(cfg.parallel)
+    if cfg.parallel.world_size > 1:
+        cfg.parallel.check_model(init_config(inputs.source))
+    return inputs
+
+
 def run_grpo(cfg: GRPOConfig) -> dict[str, float]:
     """Checks every input, then trains to train.max_steps (resuming from run.dir) and exports hf/."""
-    from algorithms.pretrain import resolve_device
     from core.config import dump_config
-    from core.utils.metrics import plot_metrics
+    from core.utils.device import resolve_device
 
     inputs = check_inputs(cfg)
     device = resolve_device(cfg.train.device)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    parts, model_config = build_components(cfg, inputs, device)
-    trainer = GRPOTrainer(cfg, parts, inputs.train_rows, inputs.eval_rows)
+    parts, _ = build_components(cfg, inputs, device)
     try:
+        trainer = GRPOTrainer(cfg, parts, inputs.train_rows, inputs.eval_rows)
         metrics = trainer.fit()
-        trainer.export(model_config, inputs.tokenizer_dir)
+        trainer.export()
     finally:
         parts.generator.shutdown()
-    plot_metrics(run_dir, list(PLOTTED))
+    trainer.plot()
     return metrics
-
-
-PLOTTED = (
-    "reward/mean",
-    "reward/accuracy",
-    "eval/accuracy",
-    "eval/sampled_accuracy",
-    "train/kl",
-    "rollout/logprob_gap_max",
-)

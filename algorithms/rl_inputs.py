@@ -3,8 +3,10 @@
 Model sources (`resolve_init`), checked before anything is written:
     an HF checkpoint directory       config.json + *.safetensors (tokenizer files next to them)
     a converted native directory     model_config.json + model.safetensors (`rl convert`)
-    a run directory of `rl pretrain` its hf/ export when present, else its newest checkpoint
-    a checkpoint of `rl pretrain`    run_dir/checkpoints/step_N (architecture from run_dir/config.yaml)
+    a run directory of any stage     its hf/ export when present, else its newest checkpoint
+    a checkpoint of any stage        run_dir/checkpoints/step_N: meta.json names the stage, architecture
+                                     and tokenizer (tokenizer/ inside); older `rl pretrain` checkpoints
+                                     without it take the architecture from run_dir/config.yaml
 
 Prompts: JSONL rows {"prompt": str, ...} (other fields, e.g. "answer", travel to the environment), or the
 embedded arithmetic task generated from a seed. `PromptLoader` walks them in a seeded order per epoch and
@@ -38,7 +40,8 @@ class InitSource:
     kind: str
     path: Path
     tokenizer: Path | None
-    run_dir: Path | None = None  # the `rl pretrain` run a checkpoint belongs to
+    run_dir: Path | None = None  # the run a checkpoint belongs to
+    meta: dict[str, Any] | None = None  # a checkpoint's meta.json
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -50,8 +53,8 @@ def resolve_init(path: str | Path) -> InitSource:
     p = Path(path)
     if not p.exists():
         raise InputError(
-            f"model.init_from: {p} not found (for configs/grpo_tiny.yaml run "
-            "`rl pretrain configs/pretrain_tiny.yaml` first, or point model.init_from at a model)"
+            f"model.init_from: {p} not found (the tiny recipes start from `rl pretrain "
+            "configs/pretrain_tiny.yaml`: run it first, or point model.init_from at a model)"
         )
     if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
         return InitSource("hf", p, p if _has_tokenizer(p) else None)
@@ -59,6 +62,8 @@ def resolve_init(path: str | Path) -> InitSource:
         return InitSource("native", p, p if _has_tokenizer(p) else None)
     if (p / "hf" / "config.json").is_file():
         return resolve_init(p / "hf")
+    if (p / "reward_model" / "model_config.json").is_file():  # an `rl rm` run's export
+        return resolve_init(p / "reward_model")
     if (p / "checkpoints").is_dir():
         from core.checkpoint.checkpointer import latest_checkpoint
 
@@ -67,7 +72,13 @@ def resolve_init(path: str | Path) -> InitSource:
             raise InputError(f"model.init_from: run directory {p} has no hf/ and no complete checkpoint")
         return resolve_init(latest)
     if (p / "COMPLETE").is_file() and (p / "model").is_dir():
+        from core.checkpoint.checkpointer import TOKENIZER_DIR, read_meta
+
         run_dir = p.parent.parent
+        meta = read_meta(p)
+        if meta is not None:
+            tok = p / TOKENIZER_DIR
+            return InitSource("checkpoint", p, tok if _has_tokenizer(tok) else None, run_dir, meta)
         if not (run_dir / "config.yaml").is_file():
             raise InputError(
                 f"model.init_from: checkpoint {p} has no {run_dir / 'config.yaml'} (its architecture)"
@@ -75,9 +86,38 @@ def resolve_init(path: str | Path) -> InitSource:
         tok = run_dir / "data" / "tokenizer"
         return InitSource("checkpoint", p, tok if tok.is_dir() else None, run_dir)
     raise InputError(
-        f"model.init_from: {p} is not an HF checkpoint, a converted model, an `rl pretrain` run directory "
-        "or one of its checkpoints"
+        f"model.init_from: {p} is not an HF checkpoint, a converted model, a run directory or one of its "
+        "checkpoints/step_N"
     )
+
+
+def init_config(source: InitSource) -> Any:
+    """The source's TransformerConfig, read without loading weights where possible."""
+    if source.kind == "hf":
+        from core.bridge.hf import read_hf_config
+
+        return read_hf_config(source.path)[1]
+    if source.meta is not None:
+        from core.transformer.config import TransformerConfig
+
+        return TransformerConfig.from_dict(source.meta["model_config"])
+    return load_init_model(source).config
+
+
+def init_arch_name(source: InitSource) -> str | None:
+    """The source's architecture preset name (llama, qwen2, ...), when it says."""
+    if source.kind == "hf":
+        from core.bridge.hf import read_hf_config
+
+        return read_hf_config(source.path)[0].name
+    if source.meta is not None:
+        return source.meta["arch"]
+    return None
+
+
+def load_init(source: InitSource) -> tuple[torch.nn.Module, Any]:
+    """(the whole initial model, its HF architecture or None)."""
+    return load_init_model(source), init_arch_name(source)
 
 
 def load_init_model(source: InitSource) -> torch.nn.Module:
@@ -94,16 +134,10 @@ def load_init_model(source: InitSource) -> torch.nn.Module:
 
 
 def _load_pretrain_checkpoint(source: InitSource) -> torch.nn.Module:
-    from algorithms.pretrain import PretrainConfig, transformer_config
     from core.checkpoint.sharded import OPTIM_PREFIX, load_full_state
-    from core.data.tokenizer import load_tokenizer
     from core.transformer.model import GPTModel
 
-    assert source.run_dir is not None
-    cfg = _read_pretrain_config(source.run_dir / "config.yaml", PretrainConfig)
-    tokenizer_dir = cfg.data.tokenizer or source.tokenizer
-    vocab = len(load_tokenizer(tokenizer_dir)) if tokenizer_dir else cfg.model.vocab_size or 64
-    model = GPTModel(transformer_config(cfg.model, vocab))
+    model = GPTModel(init_config(source) if source.meta is not None else _legacy_config(source))
     state = {
         k: v for k, v in load_full_state(source.path / "model").items() if not k.startswith(OPTIM_PREFIX)
     }
@@ -114,6 +148,18 @@ def _load_pretrain_checkpoint(source: InitSource) -> torch.nn.Module:
             f"{source.path}: checkpoint does not match its run's config: {missing[:3] + unexpected[:3]}"
         )
     return model
+
+
+def _legacy_config(source: InitSource) -> Any:
+    """The architecture of a checkpoint written before meta.json: from its `rl pretrain` run's config."""
+    from algorithms.pretrain import PretrainConfig
+    from core.data.tokenizer import load_tokenizer
+
+    assert source.run_dir is not None
+    cfg = _read_pretrain_config(source.run_dir / "config.yaml", PretrainConfig)
+    tokenizer_dir = cfg.data.tokenizer or source.tokenizer
+    vocab = len(load_tokenizer(tokenizer_dir)) if tokenizer_dir else cfg.model.vocab_size or 64
+    return cfg.model.transformer_config(vocab)
 
 
 def _read_pretrain_config(path: Path, schema: type) -> Any:

@@ -8,12 +8,15 @@ them (rl/config.py). Defaults live here, once. Keys users and scripts rely on: `
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.errors import InputError
+
+if TYPE_CHECKING:
+    from core.parallel.dims import ModelLayout, ParallelDims
 
 
 class Schema(BaseModel):
@@ -91,11 +94,113 @@ class ParallelConfig(Schema):
     def world_size(self) -> int:
         return self.tp * self.pp * self.cp * self.dp
 
+    def dims(self) -> ParallelDims:
+        """The process-group layout these sizes describe (ep is carved out of dp x cp)."""
+        from core.parallel.dims import ParallelDims
+
+        return ParallelDims(
+            tp=self.tp, cp=self.cp, ep=self.ep, dp=self.dp, pp=self.pp, world_size=self.world_size
+        )
+
+    def check_model(self, config: ModelLayout) -> None:
+        """InputError (one line: what to change) if the model cannot be split this way."""
+        from core.parallel.dims import validate_model_layout
+
+        validate_model_layout(self.dims(), config, self.vpp)
+
 
 class PrecisionConfig(Schema):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast where the device supports it, fp32 on CPU"
     )
+
+
+# ---- where a run goes: in this process (no placement) or on Ray worker groups --------------------------
+
+Strategy = Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"]
+
+
+class Placement(Schema):
+    """How roles map onto devices (config section `placement`)."""
+
+    mode: Literal["colocated", "disaggregated"] = Field(
+        "colocated", description="colocated: all roles share one pool; disaggregated: one pool per role"
+    )
+    num_bundles: int = Field(1, ge=1, description="colocated: bundles of the shared pool")
+    pools: dict[str, int] = Field(
+        default_factory=dict, description="disaggregated: bundles per role, e.g. {policy: 4, generation: 2}"
+    )
+    gpus_per_bundle: Literal[0, 1] = Field(0, description="1: one bundle per GPU; 0: CPU-only bundles")
+    cpus_per_bundle: float = Field(1.0, gt=0, description="CPUs reserved with each bundle")
+    strategy: Strategy = "PACK"
+    ready_timeout_s: float = Field(120.0, gt=0, description="how long to wait for the cluster to fit a pool")
+
+    @model_validator(mode="after")
+    def _pools_match_mode(self) -> Placement:
+        if self.mode == "colocated" and self.pools:
+            raise ValueError(
+                "placement.pools is for mode=disaggregated; colocated uses placement.num_bundles"
+            )
+        if self.mode == "disaggregated" and not self.pools:
+            raise ValueError("mode=disaggregated needs placement.pools, e.g. {policy: 1, generation: 1}")
+        bad = {role: n for role, n in self.pools.items() if n < 1}
+        if bad:
+            raise ValueError(f"placement.pools sizes must be >= 1, got {bad}")
+        return self
+
+    @property
+    def bundle(self) -> dict[str, float]:
+        bundle = {"CPU": self.cpus_per_bundle}
+        if self.gpus_per_bundle:
+            bundle["GPU"] = float(self.gpus_per_bundle)
+        return bundle
+
+
+class RayOptions(Schema):
+    address: str | None = Field(
+        None, description='attach to a running cluster ("auto", "host:port"); None: start a local one'
+    )
+    num_cpus: int | None = Field(None, ge=1, description="local cluster: logical CPUs (default: all)")
+    num_gpus: int | None = Field(None, ge=0, description="local cluster: GPUs (default: all)")
+    namespace: str | None = None
+
+
+class FailureConfig(Schema):
+    max_restarts: int = Field(0, ge=0, description="worker failures to recover from (restart + resume)")
+    call_timeout_s: float = Field(600.0, gt=0, description="deadline of every worker call")
+    restart_timeout_s: float = Field(300.0, gt=0, description="how long a restart may take per group")
+
+
+LoraTarget = Literal["qkv", "proj", "fc1", "fc2"]
+
+
+class LoraConfig(Schema):
+    """Low-rank adapters y = W x + (alpha / rank) * B A x on the attention and dense-MLP linears (W frozen).
+
+    alpha defaults to 16, the usual r=8 / alpha=16 recipe (scale 2); PEFT's own default is alpha=8.
+    """
+
+    rank: int = Field(8, description="r: the adapters' inner dimension")
+    alpha: float = Field(16.0, gt=0, description="the low-rank term is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input (training only)")
+    targets: list[LoraTarget] = Field(
+        default_factory=lambda: ["qkv", "proj", "fc1", "fc2"],
+        description="qkv, proj: attention in/out projections; fc1, fc2: dense MLP (not MoE experts)",
+    )
+
+    @field_validator("rank")
+    @classmethod
+    def _positive_rank(cls, rank: int) -> int:
+        if rank <= 0:
+            raise ValueError(f"lora rank must be a positive integer, got {rank}")
+        return rank
+
+    @field_validator("targets")
+    @classmethod
+    def _distinct_targets(cls, targets: list[str]) -> list[str]:
+        if not targets or len(set(targets)) != len(targets):
+            raise ValueError(f"lora targets must be a non-empty list without repeats, got {targets}")
+        return targets
 
 
 def dump_config(config: BaseModel, path: str | Path) -> None:

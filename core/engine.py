@@ -15,11 +15,16 @@ core/transformer/context_parallel.py), so loss_fn sees this rank's tokens only a
 it divides by stays the caller's. Gradients are summed over dp x cp, metrics too.
 MoE: each rank's load-balancing loss covers its own tokens (Megatron's default); the engine scales it by
 1 / (dp * cp) so that the summed gradient is the mean over ranks, the same coefficient at every layout.
+LoRA (lora=LoraConfig): adapters are put on the chunks after the base weights are loaded and every base
+parameter is frozen, so DDP's gradient buffers, the optimizer and its checkpoint state hold the adapters
+only; the model part of a checkpoint holds base weights and adapters. `merged_weights()` gives refit/export
+the merged model, `adapters_disabled()` the base model (core/tensor_parallel/lora.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +41,7 @@ from core.checkpoint.sharded import (
     sharded_model_state,
     sharded_named_optimizer_state,
 )
-from core.config import OptimConfig, ParallelConfig
+from core.config import LoraConfig, OptimConfig, ParallelConfig
 from core.distributed import (
     DistributedDataParallel,
     DynamicGradScaler,
@@ -48,6 +53,7 @@ from core.parallel.collectives import group_size
 from core.parallel.dims import Groups
 from core.pipeline.layout import build_embedding_group, build_stage_modules, tied_embedding_weight
 from core.pipeline.schedules import get_schedule
+from core.tensor_parallel.lora import adapters_disabled, apply_lora, merged_weights
 from core.transformer.attention import position_ids_from_segments
 from core.transformer.config import TransformerConfig
 from core.transformer.context_parallel import gather_from_cp, split_for_cp
@@ -160,7 +166,11 @@ class ModelEngine:
         grad_scaler: DynamicGradScaler | None = None,
         bucket_size_mb: float = 25.0,
         compile_layers: bool = False,
+        lora: LoraConfig | None = None,
+        lora_seed: int = 0,
     ):
+        """lora: train low-rank adapters on a frozen base (lora_seed draws their A factors, the same full
+        values at every layout); None trains every parameter."""
         self.config, self.parallel, self.groups, self.device = config, parallel, groups, device
         if compile_layers:
             check_compile_layout(parallel)
@@ -168,13 +178,18 @@ class ModelEngine:
         self.embedding_group = build_embedding_group(groups) if groups is not None else None
         self.chunks = self._build_chunks()
         load_full_weights(self.chunks, full_state, groups)
+        self.lora = lora
         for chunk in self.chunks:
+            if lora is not None:
+                apply_lora(chunk, lora, lora_seed)
             chunk.to(device=device, dtype=param_dtype)
             if config.is_moe:
                 chunk.register_forward_hook(self._scale_aux_loss)
             if compile_layers:
                 compile_transformer_layers(chunk)
         tied = tied_embedding_weight(self.chunks)  # pp > 1 first/last stage: summed over the pair later
+        # A frozen tied embedding (LoRA) has no gradient to sum over the first and last stage.
+        self._tied_grad_group = self.embedding_group if tied is not None and tied.requires_grad else None
         self.ddp = DistributedDataParallel(
             nn.ModuleList(self.chunks),
             groups.dp_cp_group if groups else None,
@@ -260,7 +275,7 @@ class ModelEngine:
 
     def finalize_grads(self) -> None:
         """Tied-embedding sum over first/last stage, dp x cp reduction, sequence-parallel tp sum."""
-        finalize_model_grads([self.ddp], self.tp_group, embedding_group=self.embedding_group)
+        finalize_model_grads([self.ddp], self.tp_group, embedding_group=self._tied_grad_group)
 
     def optimizer_step(self, clip_grad: float) -> tuple[float, dict[str, float]]:
         """(Unscale and skip on overflow,) clip and step; returns the grad norm before clipping and metrics."""
@@ -360,7 +375,8 @@ class ModelEngine:
 
     def _named_optimizer_state(self) -> dict[str, Any]:
         full = self.optimizer.full_state_dict(device=self.device)
-        by_opt_name = {self.optimizer.param_name[p]: self._ckpt_names[p] for p in self._ckpt_names}
+        trained = self.optimizer.param_name  # frozen (LoRA base) parameters have no optimizer state
+        by_opt_name = {trained[p]: self._ckpt_names[p] for p in self._ckpt_names if p in trained}
         state = {by_opt_name[n]: e for n, e in full["state"].items()}  # master_param included: fp32 masters
         groups = [{**g, "params": [by_opt_name[n] for n in g["params"]]} for g in full["param_groups"]]
         return {"state": state, "param_groups": groups}
@@ -372,10 +388,27 @@ class ModelEngine:
     def finish_load(self, template: dict[str, Any]) -> None:
         """After dcp.load filled `template` (from load_template): push the optimizer state in."""
         named = named_state_from_template({k: v for k, v in template.items() if k.startswith("optim.")})
-        to_opt = {self._ckpt_names[p]: self.optimizer.param_name[p] for p in self._ckpt_names}
+        trained = self.optimizer.param_name
+        to_opt = {self._ckpt_names[p]: trained[p] for p in self._ckpt_names if p in trained}
         state = {to_opt[n]: e for n, e in named["state"].items()}
         groups = [{**g, "params": []} for g in named["param_groups"]] or [
             {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
         ]
         if state:
             self.optimizer.load_full_state_dict({"state": state, "param_groups": groups})
+
+    # ---- LoRA views of the same weights -----------------------------------------------------------------
+
+    @contextmanager
+    def merged_weights(self) -> Iterator[None]:
+        """Inside, the chunks hold merged weights W + (alpha / r) B A under the base names and show no adapter
+        parameters: run a refit / export stream (rollout.refit.training_weights_to_hf, core.bridge.save_hf)
+        to completion inside. W is restored exactly on exit. A no-op without LoRA. Local, no communication."""
+        with merged_weights(self.chunks):
+            yield
+
+    @contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Inside, forward_collect / forward_only compute the base model (the frozen reference policy)."""
+        with adapters_disabled(self.chunks):
+            yield

@@ -8,8 +8,9 @@ import sys
 
 from core.errors import InputError
 
-# Each module in rl.commands exposes `register(subparsers)`; the parser it adds sets `func(args) -> int`.
-COMMANDS = ["pretrain", "data", "convert", "bench", "generate", "submit", "job", "grpo"]
+# Training commands come from one registry (rl/training.py); each other module in rl.commands exposes
+# `register(subparsers)`. Every parser sets `func(args) -> int`.
+TOOLS = ["data", "convert", "bench", "generate", "submit", "job"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="tandem-rl: pretraining and post-training for LLMs on a Megatron-style parallel core.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    from rl import training
+
+    training.register(sub)
+    for name in TOOLS:
         importlib.import_module(f"rl.commands.{name}").register(sub)
     return parser
 

@@ -28,63 +28,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import Field, model_validator
+from typing import Any
 
 from algorithms.grpo import GRPOConfig, GRPOTrainer, Inputs
-from core.config import ParallelConfig, Schema
-from rl.cluster import Placement, WorkerGroup, WorkerGroupError
+from rl.cluster import WorkerGroup, WorkerGroupError
 from rl.cluster.placement import RolePlacement
 
 logger = logging.getLogger(__name__)
 
 
-class RayOptions(Schema):
-    address: str | None = Field(
-        None, description='attach to a running cluster ("auto", "host:port"); None: start a local one'
-    )
-    num_cpus: int | None = Field(None, ge=1, description="local cluster: logical CPUs (default: all)")
-    num_gpus: int | None = Field(None, ge=0, description="local cluster: GPUs (default: all)")
-    namespace: str | None = None
-
-
-class FailureConfig(Schema):
-    max_restarts: int = Field(0, ge=0, description="worker failures to recover from (restart + resume)")
-    call_timeout_s: float = Field(600.0, gt=0, description="deadline of every worker call")
-    restart_timeout_s: float = Field(300.0, gt=0, description="how long a restart may take per group")
-
-
-class ClusterGRPOConfig(GRPOConfig):
-    placement: Placement = Field(default_factory=Placement)
-    failure: FailureConfig = Field(default_factory=FailureConfig)
-    ray: RayOptions = Field(default_factory=RayOptions)
-    weight_transport: Literal["auto", "process_group", "shared_memory", "object_store"] = Field(
-        "auto",
-        description="refit of separate engines. auto: shared_memory when colocated, else process_group",
-    )
-
-    @model_validator(mode="after")
-    def _cluster_layout(self) -> ClusterGRPOConfig:
-        p = self.parallel
-        if p.cp > 1:
-            raise ValueError("parallel.cp > 1: the RL policy does not support context parallelism yet")
-        colocated_native = self.placement.mode == "colocated" and self.rollout.engine == "native"
-        if colocated_native and p.pp > 1:
-            raise ValueError(
-                "placement.mode=colocated with rollout.engine=native generates on the policy's own "
-                "parameters, which needs parallel.pp=1 (use mode=disaggregated for pipeline layouts)"
-            )
-        if self.placement.mode == "disaggregated":
-            missing = [role for role in ("policy", "generation") if role not in self.placement.pools]
-            if missing:
-                raise ValueError(f"placement.pools needs a size for {missing} (mode=disaggregated)")
-        return self
-
-    @property
-    def colocated_engines(self) -> bool:
-        """The policy workers host the engines themselves."""
-        return self.placement.mode == "colocated" and self.rollout.engine == "native"
+ClusterGRPOConfig = GRPOConfig  # one schema for in-process and Ray runs (the name older code imports)
 
 
 class ClusterRunError(RuntimeError):
@@ -126,19 +79,17 @@ class ClusterRun:
     def start(self) -> None:
         import ray
 
-        from algorithms.grpo import check_inputs
+        from algorithms.grpo import check_for_run
         from core.config import dump_config
         from rl.cluster import init_ray
 
         cfg = self.cfg
-        # check_inputs refuses parallel layouts (the single-process command's limit); the workers have them
-        self.inputs = check_inputs(cfg.model_copy(update={"parallel": ParallelConfig()}))
-        check_layout(cfg.parallel, self.inputs.source, cfg.train.compile)  # before Ray or any worker starts
+        self.inputs = check_for_run(cfg)  # every input and the layout, before Ray or any worker starts
         run_dir = Path(cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
         self._owns_ray = not ray.is_initialized()
-        r = cfg.ray
+        r = cfg.cluster_ray
         init_ray(r.address, r.num_cpus, num_gpus=r.num_gpus, namespace=r.namespace)
         try:
             self._build_groups(self._place())
@@ -163,7 +114,7 @@ class ClusterRun:
     def _place(self) -> dict[str, RolePlacement]:
         from rl.cluster import build_pools
 
-        placement, roles = self.cfg.placement, self._roles()
+        placement, roles = self.cfg.cluster_placement, self._roles()
         if placement.mode == "colocated" or "reference" not in roles or "reference" in placement.pools:
             placed = build_pools(placement, roles)
         else:  # the reference shares the policy's pool, half of each bundle each
@@ -213,12 +164,7 @@ class ClusterRun:
     def _group(self, worker_cls: type, placed: RolePlacement, world: int, name: str, *args: Any, **kw: Any):
         from core.parallel.dims import ParallelDims
 
-        p = self.cfg.parallel
-        dims = (
-            ParallelDims(tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, dp=p.dp, world_size=world)
-            if name != "generation"
-            else ParallelDims(world_size=world)
-        )
+        dims = self.cfg.parallel.dims() if name != "generation" else ParallelDims(world_size=world)
         return WorkerGroup(
             worker_cls,
             placed.pool,
@@ -289,20 +235,32 @@ class ClusterRun:
             generator = RayGenerator(self.groups["generation"])
             transport = cfg.weight_transport
             if transport == "auto":
-                transport = "shared_memory" if cfg.placement.mode == "colocated" else "process_group"
+                transport = "shared_memory" if cfg.cluster_placement.mode == "colocated" else "process_group"
             sync = self._transport = TransportWeightSync(
                 self.groups["policy"], self.groups["generation"], transport
             )
             sync.connect()
-        colocated = cfg.placement.mode == "colocated"
-        return Components(policy, generator, sync, inputs.environment, inputs.tokenizer, reference, colocated)
+        from algorithms.rl_inputs import init_arch_name
+
+        colocated = cfg.cluster_placement.mode == "colocated"
+        return Components(
+            policy,
+            generator,
+            sync,
+            inputs.environment,
+            inputs.tokenizer,
+            reference,
+            colocated,
+            model_config=policy.model_config(),
+            tokenizer_dir=inputs.tokenizer_dir,
+            arch=init_arch_name(inputs.source),
+        )
 
     # ---- running --------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, float]:
         """start (if not yet), fit under the failure policy, export hf/, shut down."""
-        from algorithms.grpo import PLOTTED
-        from core.utils.metrics import plot_metrics
+        from algorithms.grpo import GRPOTrainer
 
         if self.parts is None:
             self.start()
@@ -310,7 +268,7 @@ class ClusterRun:
             metrics = self._fit()
         finally:
             self.shutdown()
-        plot_metrics(Path(self.cfg.run.dir), list(PLOTTED))
+        GRPOTrainer.plot_run(Path(self.cfg.run.dir))
         return metrics
 
     def _fit(self) -> dict[str, float]:
@@ -319,7 +277,7 @@ class ClusterRun:
             try:
                 trainer = GRPOTrainer(self.cfg, self.parts, inputs.train_rows, inputs.eval_rows)  # resumes
                 metrics = trainer.fit()
-                trainer.export(self.parts.policy.model_config(), inputs.tokenizer_dir)
+                trainer.export()
                 return metrics
             except WorkerGroupError as error:
                 if not error.recoverable or self.restarts >= self.cfg.failure.max_restarts:
@@ -359,27 +317,26 @@ class ClusterRun:
             self._owns_ray = False
 
 
-def check_layout(parallel: ParallelConfig, source: Any, compile_layers: bool = False) -> None:
-    """InputError (one line, what to change) if the initial model cannot be split as `parallel` says."""
-    from algorithms.pretrain import _LayoutView
-    from algorithms.rl_inputs import load_init_model
-    from core.bridge.hf import read_hf_config
-    from core.engine import check_compile_layout
-    from core.parallel.dims import ParallelDims, validate_model_layout
-
-    if compile_layers:
-        check_compile_layout(parallel)
-    if parallel.world_size == 1:
-        return
-    config = read_hf_config(source.path)[1] if source.kind == "hf" else load_init_model(source).config
-    p = parallel
-    dims = ParallelDims(tp=p.tp, cp=p.cp, ep=p.ep, dp=p.dp, pp=p.pp, world_size=p.world_size)
-    validate_model_layout(dims, _LayoutView(config, p.vpp))
-
-
 def run_grpo_cluster(cfg: ClusterGRPOConfig, resume_command: str | None = None) -> dict[str, float]:
     """Checks every input, starts (or attaches to) Ray, builds the worker groups `cfg.placement` asks for,
     trains to train.max_steps with GRPOTrainer (resuming from run.dir), exports hf/, returns the last
     logged metrics. Raises ClusterRunError (one line: role, rank, how to resume) on a failure it may
     not recover from, InputError on bad input before anything starts."""
     return ClusterRun(cfg, resume_command).run()
+
+
+def run_grpo_any(cfg: GRPOConfig, resume_command: str) -> dict[str, float] | None:
+    """`rl grpo`: on Ray when the config says so (None after a failure it could not recover from, said on
+    stderr), else in this process with failure.max_restarts restarts from the newest checkpoint."""
+    import sys
+
+    from algorithms.grpo import run_grpo
+    from rl.training import with_restarts
+
+    if not cfg.on_ray:
+        return with_restarts(lambda: run_grpo(cfg), cfg.failure.max_restarts, resume_command)
+    try:
+        return run_grpo_cluster(cfg, resume_command=resume_command)
+    except ClusterRunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None

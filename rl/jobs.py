@@ -19,7 +19,6 @@ cluster started with auth disabled ignores it.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import ipaddress
 import logging
 import os
@@ -39,11 +38,6 @@ from rl.config import load_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # where `ray start --head` serves its dashboard
-# Training commands and their config schemas: a new training command (grpo, sft, ...) registers here.
-TRAINING_SCHEMAS = {
-    "pretrain": "algorithms.pretrain:PretrainConfig",
-    "grpo": "algorithms.grpo:GRPOConfig",
-}
 # Never uploaded (gitwildmatch patterns, as Ray's runtime_env "excludes"): environments, wheels, caches,
 # run directories, VCS data. Ray also honours .gitignore and .rayignore files.
 EXCLUDES = [
@@ -82,18 +76,20 @@ class JobSpec:
 
 def training_commands() -> list[str]:
     """The registered CLI commands that train from a config (what `rl submit` accepts)."""
-    from rl.cli import COMMANDS
+    from rl.training import training_commands as names
 
-    return [name for name in COMMANDS if name in TRAINING_SCHEMAS]
+    return names()
 
 
 def training_schema(command: str) -> type:
-    if command not in training_commands():
+    """The schema `rl COMMAND` loads its config with (the same for in-process and Ray runs)."""
+    from rl.training import TRAINING_COMMANDS
+
+    if command not in TRAINING_COMMANDS:
         raise InputError(
             f"'{command}' is not a training command; rl submit runs one of: {', '.join(training_commands())}"
         )
-    module, name = TRAINING_SCHEMAS[command].split(":")
-    return getattr(importlib.import_module(module), name)
+    return TRAINING_COMMANDS[command].load_schema()
 
 
 def parse_env(items: list[str]) -> dict[str, str]:

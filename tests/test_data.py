@@ -310,7 +310,7 @@ def test_arithmetic_tokenizer_loads_with_auto_tokenizer(corpus) -> None:
 
 def test_chat_template_falls_back_to_default(corpus) -> None:
     tokenizer = load_tokenizer(corpus.tokenizer)
-    assert not tokenizer.chat_template
+    tokenizer.chat_template = None  # the arithmetic tokenizer ships one; test the fallback without it
     messages = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]
     text = apply_chat_template(tokenizer, messages[:1], add_generation_prompt=True)
     assert text == "<|user|>\n1+1=<eos>\n<|assistant|>\n"

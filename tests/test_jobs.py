@@ -331,3 +331,34 @@ def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as done:
         build_parser().parse_args([*argv, "--help"])
     assert done.value.code == 0 and "usage: rl" in capsys.readouterr().out
+
+
+RAY_OVERRIDES = ["placement.mode=colocated", "placement.num_bundles=2", "parallel.dp=2"]
+
+
+@pytest.mark.parametrize("command", ["pretrain", "sft", "dpo", "rm", "grpo"])
+@pytest.mark.parametrize("ray", [False, True], ids=["in_process", "ray"])
+def test_submit_accepts_every_config_its_command_accepts(command, ray, monkeypatch, tmp_path):
+    """One schema per loop: whatever `rl COMMAND` loads (a Ray placement included), `rl submit` sends;
+    and a key the command rejects, submit rejects too, with the command's own message."""
+    from rl.config import load_config
+    from rl.training import TRAINING_COMMANDS
+
+    monkeypatch.chdir(tmp_path)
+    config = str(ROOT / f"configs/{command}_tiny.yaml")
+    overrides = RAY_OVERRIDES if ray else []
+    cfg = load_config(TRAINING_COMMANDS[command].load_schema(), config, overrides)
+    assert cfg.on_ray == ray
+    spec = jobs.build_job(command, config, overrides, local=True)
+    assert spec.entrypoint.split()[2:5] == ["rl.cli", command, f"configs/{command}_tiny.yaml"]
+    assert all(o in spec.entrypoint for o in overrides)
+    with pytest.raises(jobs.InputError, match="unknown key 'placement.bundles'"):
+        jobs.build_job(command, config, ["placement.bundles=2"], local=True)
+
+
+@pytest.mark.parametrize("command", ["pretrain", "sft", "dpo", "rm", "grpo"])
+def test_every_training_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args([command, "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and f"usage: rl {command}" in out and "placement" in out

@@ -59,7 +59,7 @@ def test_fp16_skips_overflow_backs_off_trains_and_resumes(tmp_path):
 
     before = _masters(trainer)
     scaler.scale = 2.0**60  # forced overflow: inf/nan in the fp16 gradients
-    first = trainer.step()
+    first = trainer.advance()
     assert first["train/skipped_steps"] == 1 and first["train/loss_scale"] == 2.0**60
     assert "train/grad_norm" not in first
     assert scaler.scale == 2.0**59  # backed off
@@ -76,5 +76,5 @@ def test_fp16_skips_overflow_backs_off_trains_and_resumes(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["train/grad_norm"])) for r in rows)
 
     resumed = Trainer(cfg)  # from checkpoints/step_8
-    assert resumed.state.step == STEPS and resumed.state.skipped_steps == 1
+    assert resumed.step_count == STEPS and resumed.skipped_steps == 1
     assert resumed.engine.grad_scaler.state_dict() == scaler.state_dict()

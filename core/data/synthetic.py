@@ -22,6 +22,12 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0..3, in this order
 CHARACTERS = "0123456789+-*=, \n"
 # Padded so the embedding splits evenly over any tensor-parallel size up to 64.
 VOCAB_MULTIPLE = 64
+# A chat renders as the pretraining text: each message's content, each assistant turn closed by EOS, so
+# {"user": "12+34=", "assistant": "46"} is "12+34=46<eos>" and a generation prompt adds nothing.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+)
 
 OPERATORS: dict[str, Callable[[int, int], int]] = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 _PROBLEM = re.compile(r"^\s*(\d+)\s*([+\-*])\s*(\d+)\s*=\s*$")
@@ -117,6 +123,7 @@ def save_char_tokenizer(directory: str | Path) -> Path:
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 4096,
+        "chat_template": CHAT_TEMPLATE,
     }
     _write_json(directory / "tokenizer_config.json", config)
     _write_json(directory / "special_tokens_map.json", special)
@@ -142,11 +149,57 @@ def write_arithmetic_corpus(
     return corpus
 
 
+def write_sft_chat_data(
+    data_dir: str | Path,
+    n_train: int,
+    n_eval: int,
+    seed: int,
+    digits: int = 2,
+    ops: Sequence[str] = ("+",),
+    multi_turn_frac: float = 0.25,
+) -> ArithmeticCorpus:
+    """train.jsonl / eval.jsonl chat rows {"messages", "answer"} plus the tokenizer in `data_dir`/tokenizer.
+
+    A row is one problem as a user turn and its result as the assistant turn; a `multi_turn_frac` share of
+    rows chain 2 or 3 problems in one conversation ("answer" is the last turn's). No problem appears twice,
+    so the splits are disjoint; the same arguments give the same files.
+    """
+    if not 0.0 <= multi_turn_frac <= 1.0:
+        raise InputError(f"arithmetic chat: multi_turn_frac must be in [0, 1], got {multi_turn_frac}")
+    rng = random.Random(seed)
+    train_turns = [rng.randint(2, 3) if rng.random() < multi_turn_frac else 1 for _ in range(n_train)]
+    eval_turns = [rng.randint(2, 3) if rng.random() < multi_turn_frac else 1 for _ in range(n_eval)]
+    train, held_out = generate_arithmetic(sum(train_turns), sum(eval_turns), seed, digits, ops)
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    corpus = ArithmeticCorpus(data_dir / "train.jsonl", data_dir / "eval.jsonl", data_dir / "tokenizer")
+    _write_rows(corpus.train, _chat_rows(train, train_turns))
+    _write_rows(corpus.eval, _chat_rows(held_out, eval_turns))
+    save_char_tokenizer(corpus.tokenizer)
+    return corpus
+
+
+def _chat_rows(problems: list[ArithmeticProblem], turns: list[int]) -> list[dict]:
+    rows, start = [], 0
+    for n in turns:
+        chain = problems[start : start + n]
+        start += n
+        messages = []
+        for p in chain:
+            messages += [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.answer}]
+        rows.append({"messages": messages, "answer": chain[-1].answer})
+    return rows
+
+
 def _write_problems(path: Path, problems: list[ArithmeticProblem]) -> None:
+    _write_rows(path, [{"text": p.text, "prompt": p.prompt, "answer": p.answer} for p in problems])
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as f:
-        for p in problems:
-            f.write(json.dumps({"text": p.text, "prompt": p.prompt, "answer": p.answer}) + "\n")
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
     tmp.replace(path)
 
 

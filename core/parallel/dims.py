@@ -269,8 +269,11 @@ def _tp_choices(sizes: dict[str, int]) -> list[int]:
     return [t for t in _divisors(min(sizes.values())) if all(n % t == 0 for n in sizes.values())]
 
 
-def validate_model_layout(dims: ParallelDims, config: ModelLayout) -> None:
-    """Raise InputError (one line, saying what to change) if the model cannot be split as `dims` says."""
+def validate_model_layout(
+    dims: ParallelDims, config: ModelLayout, virtual_pipeline_size: int | None = None
+) -> None:
+    """Raise InputError (one line, saying what to change) if the model cannot be split as `dims` says.
+    virtual_pipeline_size: None reads it from the config (default 1)."""
     heads = config.num_attention_heads
     tp_sharded = {
         "num_attention_heads": heads,
@@ -286,7 +289,8 @@ def validate_model_layout(dims: ParallelDims, config: ModelLayout) -> None:
                 f"{name}={size} is not divisible by parallel.tp={dims.tp}: "
                 f"use tp in {_fmt_set(_tp_choices(tp_sharded))}"
             )
-    _validate_pipeline(dims, config.num_layers, getattr(config, "virtual_pipeline_size", None) or 1)
+    vpp = virtual_pipeline_size or getattr(config, "virtual_pipeline_size", None) or 1
+    _validate_pipeline(dims, config.num_layers, vpp)
     _validate_experts(dims, getattr(config, "num_experts", None) or 0)
 
 

@@ -112,3 +112,14 @@ def vocab_parallel_logprobs(
 def vocab_parallel_entropy(logits_local: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
     """Entropy of softmax(logits) over the full vocabulary: (B, T) fp32, differentiable."""
     return _VocabParallelEntropy.apply(logits_local, tp_group)
+
+
+@torch.no_grad()
+def vocab_parallel_token_correct(
+    logits_local: torch.Tensor, target: torch.Tensor, tp_group: dist.ProcessGroup | None
+) -> torch.Tensor:
+    """1.0 where the target is the argmax of the full-vocabulary logits, else 0.0: (B, T) fp32. Only (B, T)
+    statistics cross the tp group (one MAX, one SUM). A tie with another token counts as correct."""
+    z, _ = _log_normalizer(logits_local, tp_group)  # z <= 0, and 0 at the global max
+    picked = all_reduce(_target_logit(z, target, tp_group), tp_group)
+    return (picked >= 0).to(torch.float32)

@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import ray
-from pydantic import Field, model_validator
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from core.config import Schema
+from core.config import Placement, Strategy
 from core.errors import InputError
-
-Strategy = Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"]
 
 
 class PlacementTimeoutError(RuntimeError):
@@ -112,42 +108,6 @@ class ResourcePool:
 
     def __repr__(self) -> str:
         return f"ResourcePool({self.name!r}, {self.num_bundles} x {_fmt(self.bundle)}, {self.strategy})"
-
-
-class Placement(Schema):
-    """How roles map onto devices (config section `placement`)."""
-
-    mode: Literal["colocated", "disaggregated"] = Field(
-        "colocated", description="colocated: all roles share one pool; disaggregated: one pool per role"
-    )
-    num_bundles: int = Field(1, ge=1, description="colocated: bundles of the shared pool")
-    pools: dict[str, int] = Field(
-        default_factory=dict, description="disaggregated: bundles per role, e.g. {policy: 4, generation: 2}"
-    )
-    gpus_per_bundle: Literal[0, 1] = Field(0, description="1: one bundle per GPU; 0: CPU-only bundles")
-    cpus_per_bundle: float = Field(1.0, gt=0, description="CPUs reserved with each bundle")
-    strategy: Strategy = "PACK"
-    ready_timeout_s: float = Field(120.0, gt=0, description="how long to wait for the cluster to fit a pool")
-
-    @model_validator(mode="after")
-    def _pools_match_mode(self) -> Placement:
-        if self.mode == "colocated" and self.pools:
-            raise ValueError(
-                "placement.pools is for mode=disaggregated; colocated uses placement.num_bundles"
-            )
-        if self.mode == "disaggregated" and not self.pools:
-            raise ValueError("mode=disaggregated needs placement.pools, e.g. {policy: 1, generation: 1}")
-        bad = {role: n for role, n in self.pools.items() if n < 1}
-        if bad:
-            raise ValueError(f"placement.pools sizes must be >= 1, got {bad}")
-        return self
-
-    @property
-    def bundle(self) -> dict[str, float]:
-        bundle = {"CPU": self.cpus_per_bundle}
-        if self.gpus_per_bundle:
-            bundle["GPU"] = float(self.gpus_per_bundle)
-        return bundle
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,8 @@ class CriticWorker(TrainedModelMixin, Worker):
         self.scheduler: Any = None
 
     def setup(self) -> None:
-        from algorithms.pretrain import param_dtype
         from algorithms.schedules import build_scheduler
+        from core.utils.device import param_dtype
 
         self.model = None  # a restart rebuilds on the new groups
         torch.manual_seed(self.spec.seed)
@@ -78,7 +78,7 @@ class RewardModelWorker(Worker):
         self.model: RewardModel | None = None
 
     def setup(self) -> None:
-        from algorithms.pretrain import param_dtype
+        from core.utils.device import param_dtype
 
         self.model = None
         config, state = _init_value_model(self.spec.init_from, 0, from_lm=False)

@@ -92,7 +92,7 @@ class GenerationWorker(EngineHostMixin, Worker):
         self._receiver: Any = None
 
     def setup(self) -> None:
-        from algorithms.pretrain import param_dtype
+        from core.utils.device import param_dtype
 
         self.close()
         self.engine = build_engine(self.spec, self.device, param_dtype(self.precision, self.device))

@@ -30,8 +30,8 @@ from rl.workers.trainable import TrainedModelMixin
 
 def build_policy_model(spec: PolicySpec, groups: Any, device: torch.device) -> PolicyModel:
     """The rank's PolicyModel from the full initial weights (every rank reads them, keeps its shard)."""
-    from algorithms.pretrain import param_dtype
     from algorithms.rl_inputs import load_init_model, resolve_init
+    from core.utils.device import param_dtype
 
     torch.manual_seed(spec.seed)
     full = load_init_model(resolve_init(spec.init_from))

@@ -1,0 +1,371 @@
+"""EngineTrainer: the shared trainer for loops whose every rank trains one ModelEngine (SPMD): pretrain,
+SFT, DPO, reward models. Any tp x pp x dp x cp layout; the same code on one process.
+
+A loop subclass supplies its data (`prepare`), the full initial model (`initial_model`), its step and its
+evaluation; this class builds the engine (bf16/fp16/fp8 precision, optional LoRA, per-layer compile),
+the LR schedule, checkpoints of engine + schedule (DCP: they load at any other layout), the hf/ export
+and greedy generation through the native engine for task accuracy at every layout.
+
+Launch (`run_spmd`): one process when parallel.world_size == 1, else the ranks are spawned here with
+torch.distributed (gloo on CPU, NCCL on GPU), or placed on a Ray worker group when the config has a
+`placement` (rl/ provides that runner); every rank builds the same trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from algorithms.schedules import build_scheduler, lr_at
+from algorithms.trainer import Trainer, model_meta
+from core.engine import ModelEngine
+from core.parallel.dims import Groups
+from core.transformer.model import GPTModel
+from core.utils.device import param_dtype, resolve_device
+
+
+class EngineTrainer(Trainer):
+    """One rank of an SPMD loop over a ModelEngine (see the module docstring)."""
+
+    config_schema: ClassVar[type]  # the loop's config schema (ranks rebuild the config from a dict)
+
+    def __init__(self, cfg: Any, groups: Groups | None = None, rank: int = 0) -> None:
+        super().__init__(cfg, is_logger=rank == 0, distributed=groups is not None)
+        self.groups, self.rank = groups, rank
+        self.device = resolve_device(cfg.train.device, rank)
+        self.prepare()
+        full, self.arch = self.initial_model()
+        # FP8 is how the training chunks compute, not part of the architecture: the full CPU model, the
+        # checkpoints and the exports stay fp8="off".
+        self.config = dataclasses.replace(full.config, fp8=getattr(cfg.precision, "fp8", "off"))
+        self.engine = self.build_engine(full)
+        del full
+        self.scheduler = build_scheduler(self.engine.optimizer, cfg.train.max_steps, cfg.optim)
+        self._engine_for_eval: Any = None
+        self._eval_len = 0
+        torch.manual_seed(cfg.train.seed + rank)
+        self.maybe_resume()
+
+    # ---- what a loop supplies (besides step / evaluate) ------------------------------------------------
+
+    def prepare(self) -> None:
+        """Read the loop's data (tokenizer, datasets) before the model is built."""
+
+    def initial_model(self) -> tuple[GPTModel, Any]:
+        """(the whole initial model on the CPU in fp32, its HF architecture or None)."""
+        raise NotImplementedError
+
+    def build_engine(self, full: GPTModel) -> ModelEngine:
+        cfg = self.cfg
+        fp16 = cfg.precision.dtype == "fp16"
+        scaler = None
+        if fp16:
+            from core.distributed import DynamicGradScaler
+
+            p = cfg.precision
+            scaler = DynamicGradScaler(p.initial_loss_scale, growth_interval=p.loss_scale_window)
+        return ModelEngine(
+            self.config,
+            cfg.parallel,
+            cfg.optim,
+            self.groups,
+            self.device,
+            full.state_dict(),
+            param_dtype(cfg.precision, self.device, allow_fp16=True),
+            grad_scaler=scaler,
+            compile_layers=cfg.train.compile,
+            **self.engine_extras(),
+        )
+
+    def engine_extras(self) -> dict[str, Any]:
+        """Extra ModelEngine keywords (LoRA)."""
+        lora = getattr(self.cfg, "lora", None)
+        return {"lora": lora} if lora is not None else {}
+
+    # ---- shared pieces ----------------------------------------------------------------------------------
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup | None:
+        return self.groups.tp_group if self.groups else None
+
+    @property
+    def dp_rank_size(self) -> tuple[int, int]:
+        return (self.groups.dp_rank, self.groups.dp_size) if self.groups else (0, 1)
+
+    def all_reduce(self, x: torch.Tensor, group_name: str = "dp_group") -> torch.Tensor:
+        if self.groups is not None:
+            dist.all_reduce(x, group=getattr(self.groups, group_name))
+        return x
+
+    def train_step(
+        self,
+        micro_batches: list[dict[str, torch.Tensor]],
+        loss_fn: Any,
+        sums: tuple[str, ...] = ("loss_sum",),
+    ) -> tuple[dict[str, float], float, dict[str, float]]:
+        """One optimizer step through the engine, then the LR schedule. Returns (the loss_fn metrics `sums`
+        summed over micro-batches and ranks, the grad norm before clipping, the engine's step metrics)."""
+        per_mb = self.engine.forward_backward(micro_batches, loss_fn)
+        self.engine.finalize_grads()
+        grad_norm, metrics = self.engine.optimizer_step(self.cfg.optim.clip_grad)
+        reduced = {key: self.engine.reduce_metric(per_mb, key) for key in sums}
+        # An fp16 step skipped on overflow still advances the LR schedule: the LR stays a function of the
+        # step (what a resume recomputes). torch warns when that happens before any optimizer.step().
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
+        return reduced, grad_norm, metrics
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+
+    def save_model(self, path: Path) -> None:
+        dcp.save(self.engine.sharded_state(), checkpoint_id=str(path / "model"))
+
+    def load_model(self, path: Path) -> None:
+        template = self.engine.load_template(path / "model")
+        dcp.load(template, checkpoint_id=str(path / "model"))
+        self.engine.finish_load(template)
+
+    def loop_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        if self.engine.grad_scaler is not None:
+            state["grad_scaler"] = self.engine.grad_scaler.state_dict()
+        return state
+
+    def load_loop_state(self, state: dict[str, Any]) -> None:
+        # The LR follows the current config's schedule at the restored step (Megatron does the same), so a
+        # run resumed with a larger train.max_steps continues on the new schedule, not the stored one.
+        step = int(state["step"])
+        lr = lr_at(step, self.cfg.train.max_steps, self.cfg.optim)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.scheduler.last_epoch = step
+        self.scheduler._last_lr = [lr for _ in self.engine.optimizer.param_groups]
+        if self.engine.grad_scaler is not None and "grad_scaler" in state:
+            self.engine.grad_scaler.load_state_dict(state["grad_scaler"])
+
+    def meta(self) -> dict[str, Any]:
+        return model_meta(self.config, self.arch)
+
+    def close(self) -> None:
+        if self._engine_for_eval is not None:
+            self._engine_for_eval.shutdown()
+            self._engine_for_eval = None
+
+    # ---- the whole model: export and generation -------------------------------------------------------
+
+    def full_weights(self):
+        """(our global name, FULL tensor) of the whole model on global rank 0, one at a time (collective:
+        every rank drives it; other ranks get nothing). Merged LoRA adapters when the engine has them."""
+        from rollout.refit import gather_full_params, gather_to_rank0_over_pp
+
+        with self.engine.merged_weights() if hasattr(self.engine, "merged_weights") else _nullcontext():
+            stream = gather_to_rank0_over_pp(gather_full_params(self.engine.chunks, self.groups), self.groups)
+            for name, tensor in stream:
+                if self.rank == 0:
+                    yield name, tensor
+
+    def whole_model(self) -> GPTModel | None:
+        """The whole model on global rank 0 (fp32 CPU copy; collective), None elsewhere."""
+        state = {name: t.detach().float().cpu().clone() for name, t in self.full_weights()}
+        if self.rank != 0:
+            return None
+        model = GPTModel(dataclasses.replace(self.config, fp8="off"))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("inv_freq") and k not in _tied_names(model)]
+        if missing or unexpected:
+            raise RuntimeError(f"whole_model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        return model
+
+    def write_hf(self, path: Path) -> None:
+        model = self.whole_model()
+        if model is not None:
+            from core.bridge import save_hf
+
+            save_hf(model, path, arch=self.arch, tokenizer_dir=self.tokenizer_dir)
+
+    def greedy_generate(
+        self, prompts: list[list[int]], max_tokens: int, eos_ids: list[int]
+    ) -> list[list[int]]:
+        """Greedy completions (token ids, EOS dropped) through the native engine, at any layout.
+
+        pp = 1: every rank runs the engine on its own training chunk (tp ranks together, no copy).
+        pp > 1: the whole model is gathered to rank 0, which generates; other ranks return [].
+        """
+        from rollout.engines.native import NativeEngine
+        from rollout.types import GenerationRequest, SamplingParams
+
+        sharded = self.groups is None or self.groups.pp_size == 1
+        model = self.engine.chunks[0] if sharded else self.whole_model()
+        if model is None:
+            return []
+        longest = max(len(p) for p in prompts) + max_tokens
+        if self._engine_for_eval is None or self._eval_len < longest or not sharded:
+            if self._engine_for_eval is not None:
+                self._engine_for_eval.shutdown()
+            self._eval_len = min(self.config.max_position_embeddings, max(longest, 64))
+            self._engine_for_eval = NativeEngine(
+                model.to(self.device) if not sharded else model,
+                max_model_len=self._eval_len,
+                max_num_seqs=max(1, min(len(prompts), 256)),
+                seed=self.cfg.train.seed,
+                tp_group=self.tp_group if sharded else None,
+                eos_token_ids=eos_ids,
+                arch=self.arch,
+            )
+        engine = self._engine_for_eval
+        was_training = [c.training for c in self.engine.chunks]
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens)
+        try:
+            results = engine.generate(
+                [GenerationRequest(p, params, request_id=str(i)) for i, p in enumerate(prompts)]
+            )
+        finally:
+            for c, mode in zip(self.engine.chunks, was_training):
+                c.train(mode)
+        out = []
+        for r in results:
+            ids = list(r.samples[0].token_ids)
+            out.append([t for t in ids if t not in eos_ids])
+        return out
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _tied_names(model: GPTModel) -> set[str]:
+    """Parameter names that alias another (a tied output head) and so never appear in a gathered stream."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.setdefault(id(p), name)
+    return tied
+
+
+# ---- launching every rank -----------------------------------------------------------------------------
+
+
+def run_spmd(trainer_cls: type[EngineTrainer], cfg: Any) -> dict[str, float]:
+    """Write config.yaml, then train to train.max_steps (resuming from run.dir), export hf/ and plot, on
+    one process or on parallel.world_size spawned ranks. The caller has checked every input already."""
+    from core.config import dump_config
+    from core.parallel.launch import launch
+    from core.utils.metrics import read_metrics
+
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    if cfg.parallel.world_size == 1:
+        return train_rank(trainer_cls, cfg)
+    path = f"{trainer_cls.__module__}:{trainer_cls.__qualname__}"
+    launch(_rank_main, cfg.parallel.world_size, path, cfg.model_dump(mode="json"))
+    rows = read_metrics(run_dir)
+    return rows[-1] if rows else {}
+
+
+def train_rank(trainer_cls: type[EngineTrainer], cfg: Any, groups: Groups | None = None, rank: int = 0):
+    """This rank's whole run: build (resuming), fit, export, plot. Returns the last logged metrics."""
+    trainer = trainer_cls(cfg, groups, rank)
+    try:
+        metrics = trainer.fit()
+        trainer.export()
+        trainer.plot()
+    finally:
+        trainer.close()
+    return metrics
+
+
+def trainer_class(path: str) -> type[EngineTrainer]:
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _rank_main(rank: int, world_size: int, trainer_path: str, cfg_dict: dict[str, Any]) -> None:
+    import os
+
+    from core.parallel.dims import build_groups
+
+    trainer_cls = trainer_class(trainer_path)
+    cfg = trainer_cls.config_schema.model_validate(cfg_dict)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    groups = build_groups(cfg.parallel.dims(), rank)
+    train_rank(trainer_cls, cfg, groups, rank)
+    dist.barrier()
+
+
+class PairTrainer(EngineTrainer):
+    """What the loops over preference pairs (dpo, rm) share: the model source and its tokenizer, the
+    train / held-out pairs, a resumable seeded order over them and this dp rank's slice of each step."""
+
+    def prepare(self) -> None:
+        from algorithms.alignment_inputs import pair_paths, source_tokenizer
+        from algorithms.rl_inputs import PromptLoader
+        from core.data.alignment import build_preference_examples, read_rows
+
+        cfg = self.cfg
+        self.source, self.tokenizer, self._tokenizer_dir = source_tokenizer(cfg.model)
+        train, held_out = pair_paths(cfg)
+
+        def build(rows: list) -> list:
+            return build_preference_examples(rows, self.tokenizer, cfg.data.max_len, cfg.data.truncation)
+
+        self.rows = read_rows(train)
+        self.examples = build(self.rows)
+        self.eval_rows = read_rows(held_out)[: cfg.eval.num_pairs] if held_out is not None else []
+        self.eval_examples = build(self.eval_rows)
+        dp_size = self.groups.dp_size if self.groups else 1
+        cfg.train.grad_accum_steps(dp_size)
+        self.pairs_per_rank = cfg.train.global_batch_size // dp_size
+        indices = list(range(len(self.examples)))
+        self.loader = PromptLoader(indices, cfg.train.global_batch_size, cfg.train.seed, cfg.data.shuffle)
+
+    def initial_model(self) -> tuple[GPTModel, Any]:
+        from algorithms.rl_inputs import load_init
+
+        return load_init(self.source)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self._tokenizer_dir
+
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.eval_examples)
+
+    def next_micro_batches(self) -> tuple[int, list[list[int]]]:
+        """(pairs in the global step, this dp rank's pair indices split into micro-batches)."""
+        indices = [i for i, _ in self.loader.next_batch()]  # the global batch, the same on every rank
+        dp_rank = self.groups.dp_rank if self.groups else 0
+        mine = indices[dp_rank * self.pairs_per_rank : (dp_rank + 1) * self.pairs_per_rank]
+        size = self.cfg.train.micro_batch_size
+        return len(indices), [mine[i : i + size] for i in range(0, len(mine), size)]
+
+    def eval_chunks(self) -> list[list[int]]:
+        n, size = len(self.eval_examples), self.cfg.train.micro_batch_size
+        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+    def loop_state(self) -> dict[str, Any]:
+        return {**super().loop_state(), "data": self.loader.state_dict()}
+
+    def load_loop_state(self, state: dict[str, Any]) -> None:
+        super().load_loop_state(state)
+        self.loader.load_state_dict(state["data"])

@@ -3,7 +3,7 @@ VENV := .venv
 RL := $(VENV)/bin/rl
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo pretrain-demo grpo-demo test lint clean-demo
+.PHONY: venv demo pretrain-demo grpo-demo test test-fast lint clean-demo
 
 venv:
 	@bash scripts/setup_env.sh
@@ -20,6 +20,10 @@ grpo-demo: venv
 
 test: venv
 	$(PY) -m pytest -q tests $(ARGS)
+
+# Everything but the multi-process, Ray, engine and end-to-end tests (marked slow): run after every change.
+test-fast: venv
+	$(PY) -m pytest -q tests -m "not slow" $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

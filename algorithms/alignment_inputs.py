@@ -55,9 +55,13 @@ def eval_prompt(tokenizer: Any, record: dict[str, Any]) -> tuple[list[int], str]
 
 
 class PairSyntheticConfig(Schema):
-    """Arithmetic pairs: the correct answer is chosen, a wrong answer SAMPLED FROM THE INITIAL MODEL is
-    rejected (prompts whose samples are all correct give no pair)."""
+    """Arithmetic pairs: the correct answer is chosen; the rejected one is a wrong answer
+    rejected=sampled: SAMPLED FROM THE INITIAL MODEL (its own likely mistakes, mostly near misses;
+                      prompts whose samples are all correct give no pair)
+    rejected=random:  drawn uniformly from the wrong numbers with as many digits as the answer can have
+                      (no model needed; every prompt gives a pair)."""
 
+    rejected: Literal["sampled", "random"] = "sampled"
     n_train: int = Field(2000, ge=1, description="prompts to sample for training pairs")
     n_eval: int = Field(200, ge=1, description="held-out prompts")
     digits: int = Field(2, ge=1, le=6)
@@ -98,15 +102,37 @@ def synthesize_pairs(cfg: Any, source: Any, tokenizer: Any) -> tuple[Path, Path]
     from algorithms.rl_inputs import arithmetic_prompts, load_init
 
     train_rows, eval_rows = arithmetic_prompts(syn.n_train, syn.n_eval, syn.digits, syn.ops, syn.seed)
-    torch.manual_seed(syn.seed)
-    model, arch = load_init(source)
-    pairs = sampled_pairs(model, arch, tokenizer, train_rows + eval_rows, syn)
+    if syn.rejected == "random":
+        pairs = random_pairs(train_rows + eval_rows, syn)
+    else:
+        torch.manual_seed(syn.seed)
+        model, arch = load_init(source)
+        pairs = sampled_pairs(model, arch, tokenizer, train_rows + eval_rows, syn)
     data_dir.mkdir(parents=True, exist_ok=True)
     n = len(train_rows)
     _write_jsonl(train, [p for i, p in pairs if i < n])
     _write_jsonl(held_out, [p for i, p in pairs if i >= n])
     stamp.write_text(want)
     return train, held_out
+
+
+def random_pairs(rows: list[dict], syn: PairSyntheticConfig) -> list[tuple[int, dict]]:
+    """(row index, pair) with a uniformly drawn wrong answer for every row (seeded)."""
+    import random
+
+    rng = random.Random(syn.seed)
+    top = 10 ** (syn.digits + 1)  # sums have up to digits + 1 digits
+    pairs = []
+    for i, row in enumerate(rows):
+        wrong = row["answer"]
+        while wrong == row["answer"]:
+            wrong = str(rng.randrange(top))
+        pairs.append((i, _pair(row, wrong)))
+    return pairs
+
+
+def _pair(row: dict, rejected: str) -> dict:
+    return {"prompt": row["prompt"], "chosen": row["answer"], "rejected": rejected, "answer": row["answer"]}
 
 
 def sampled_pairs(model: GPTModel, arch: Any, tokenizer: Any, rows: list[dict], syn: PairSyntheticConfig):
@@ -141,17 +167,7 @@ def sampled_pairs(model: GPTModel, arch: Any, tokenizer: Any, rows: list[dict], 
         for sample in result.samples:
             text = tokenizer.decode([t for t in sample.token_ids if t not in eos], skip_special_tokens=True)
             if text.strip() and text.strip() != row["answer"] and not score_arithmetic(row["prompt"], text):
-                pairs.append(
-                    (
-                        i,
-                        {
-                            "prompt": row["prompt"],
-                            "chosen": row["answer"],
-                            "rejected": text,
-                            "answer": row["answer"],
-                        },
-                    )
-                )
+                pairs.append((i, _pair(row, text)))
                 break
     return pairs
 

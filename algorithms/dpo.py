@@ -156,9 +156,7 @@ class DPOTrainer(PairTrainer):
         if self._reference is not None:
             yield self._reference
         elif self.cfg.lora is not None:
-            from core.tensor_parallel.lora import adapters_disabled
-
-            with adapters_disabled(self.engine.chunks):
+            with self.engine.adapters_disabled():
                 yield self.engine
         else:
             yield self.engine

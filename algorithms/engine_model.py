@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from algorithms.losses import loss_count
-from core.config import OptimConfig, ParallelConfig
+from core.config import LoraConfig, OptimConfig, ParallelConfig
 from core.engine import LossFn, ModelEngine
 from core.errors import InputError
 from core.parallel.dims import Groups
@@ -97,11 +97,13 @@ class EngineModel:
         device: torch.device | str,
         param_dtype: torch.dtype,
         compile_layers: bool = False,
+        lora: LoraConfig | None = None,
     ) -> ModelEngine:
         """This rank's ModelEngine of `groups` (None: a single process) from the FULL model state.
 
         parallel: vpp / distributed_optimizer (its sizes must match groups.dims; None: from groups, no vpp,
-        replicated optimizer). compile_layers: torch.compile each transformer layer (the engine refuses
+        replicated optimizer). lora: train low-rank adapters only (core/tensor_parallel/lora.py).
+        compile_layers: torch.compile each transformer layer (the engine refuses
         it with cp or ep > 1)."""
         parallel = parallel or _parallel_of(groups)
         _check_parallel(parallel, groups)
@@ -114,6 +116,7 @@ class EngineModel:
             full_state,
             param_dtype,
             compile_layers=compile_layers,
+            lora=lora,
         )
 
     # ---- properties -------------------------------------------------------------------------------------

@@ -155,7 +155,37 @@ class EngineTrainer(Trainer):
             self.engine.grad_scaler.load_state_dict(state["grad_scaler"])
 
     def meta(self) -> dict[str, Any]:
-        return model_meta(self.config, self.arch)
+        meta = model_meta(self.config, self.arch)
+        lora = getattr(self.cfg, "lora", None)
+        if lora is not None:  # checkpoints hold base weights + adapters: the next stage merges them
+            meta["lora"] = lora.model_dump(mode="json")
+        return meta
+
+    def export(self) -> Path:
+        """hf/ (adapters merged); with LoRA also adapter/ in PEFT's format (adapter_config.json +
+        adapter_model.safetensors, for `PeftModel.from_pretrained` on the transformers model)."""
+        out = super().export()
+        if getattr(self.cfg, "lora", None) is not None:
+            from algorithms.trainer import publish_dir
+
+            publish_dir(self.run_dir / "adapter", self.write_peft, self.is_logger)
+        return out
+
+    def write_peft(self, path: Path) -> None:
+        """Collective: every tp rank gathers its stage's adapters, pp stages send theirs to rank 0."""
+        from core.bridge.peft import save_peft_adapter
+        from core.tensor_parallel.lora import lora_state
+
+        state = {k: v.float().cpu() for k, v in lora_state(self.engine.chunks, self.tp_group).items()}
+        if self.groups is not None and self.groups.pp_size > 1:
+            first = self.groups.ranks["pp"][0]
+            parts: list[Any] | None = [None] * self.groups.pp_size if self.groups.pp_rank == 0 else None
+            dist.gather_object(state, parts, dst=first, group=self.groups.pp_group)
+            state = {k: v for part in parts or [] for k, v in part.items()}
+        if self.rank == 0:
+            save_peft_adapter(
+                state, dataclasses.replace(self.config, fp8="off"), self.arch, path, self.cfg.lora
+            )
 
     def close(self) -> None:
         if self._engine_for_eval is not None:
@@ -169,7 +199,7 @@ class EngineTrainer(Trainer):
         every rank drives it; other ranks get nothing). Merged LoRA adapters when the engine has them."""
         from rollout.refit import gather_full_params, gather_to_rank0_over_pp
 
-        with self.engine.merged_weights() if hasattr(self.engine, "merged_weights") else _nullcontext():
+        with self.engine.merged_weights():
             stream = gather_to_rank0_over_pp(gather_full_params(self.engine.chunks, self.groups), self.groups)
             for name, tensor in stream:
                 if self.rank == 0:
@@ -193,6 +223,28 @@ class EngineTrainer(Trainer):
             from core.bridge import save_hf
 
             save_hf(model, path, arch=self.arch, tokenizer_dir=self.tokenizer_dir)
+
+    def answer_accuracy(self, rows: list[dict[str, Any]], max_tokens: int, arithmetic: bool) -> float | None:
+        """Fraction of held-out rows (with an "answer") whose greedy completion is right, on rank 0 (None
+        elsewhere, or without such rows): the arithmetic verifier for the embedded task, else exact match."""
+        from algorithms.alignment_inputs import eval_prompt
+        from core.data.synthetic import score_arithmetic
+
+        rows = [r for r in rows if "answer" in r]
+        if not rows:
+            return None
+        tok = self.tokenizer
+        prompts, texts = zip(*(eval_prompt(tok, r) for r in rows), strict=True)
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        out = self.greedy_generate(list(prompts), max_tokens, eos)
+        if self.rank != 0:
+            return None
+        decoded = tok.batch_decode(out, skip_special_tokens=True)
+        correct = [
+            score_arithmetic(t, d) if arithmetic else d.strip() == str(r["answer"]).strip()
+            for r, t, d in zip(rows, texts, decoded, strict=True)
+        ]
+        return sum(correct) / len(rows)
 
     def greedy_generate(
         self, prompts: list[list[int]], max_tokens: int, eos_ids: list[int]
@@ -238,14 +290,6 @@ class EngineTrainer(Trainer):
             ids = list(r.samples[0].token_ids)
             out.append([t for t in ids if t not in eos_ids])
         return out
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _tied_names(model: GPTModel) -> set[str]:

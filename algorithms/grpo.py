@@ -37,7 +37,7 @@ from algorithms.interfaces import Batch, Environment, Generator, Policy, Referen
 from algorithms.model_config import SourceModelConfig
 from algorithms.rl_inputs import PromptLoader, Row
 from algorithms.trainer import LoopConfig, Trainer, model_meta, timed
-from core.config import Placement, RayOptions, RunConfig, Schema
+from core.config import LoraConfig, Placement, RayOptions, RunConfig, Schema
 from core.errors import InputError
 from rollout.environments import Completion, Score
 from rollout.types import GenerationRequest, GenerationResult, SamplingParams
@@ -154,6 +154,9 @@ class GRPOConfig(LoopConfig):
     environment: EnvironmentConfig = Field(default_factory=EnvironmentConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    lora: LoraConfig | None = Field(
+        None, description="train LoRA adapters only; the reference is the base (adapters disabled)"
+    )
     weight_transport: Literal["auto", "process_group", "shared_memory", "object_store"] = Field(
         "auto",
         description="Ray: refit of separate engines. auto: shared_memory when colocated, else process_group",
@@ -182,6 +185,8 @@ class GRPOConfig(LoopConfig):
         p, placement = self.parallel, self.cluster_placement
         if p.cp > 1:
             raise ValueError("parallel.cp > 1: the RL policy does not support context parallelism yet")
+        if self.lora is not None and self.on_ray:
+            raise ValueError("lora: runs in one process for now (no placement, parallel.* = 1)")
         if self.colocated_engines and p.pp > 1:
             raise ValueError(
                 "placement.mode=colocated with rollout.engine=native generates on the policy's own "
@@ -524,7 +529,10 @@ class GRPOTrainer(Trainer):
         self.loader.load_state_dict(state["data"])
 
     def meta(self) -> dict[str, Any]:
-        return model_meta(self.parts.model_config, self.parts.arch)
+        meta = model_meta(self.parts.model_config, self.parts.arch)
+        if self.cfg.lora is not None:  # checkpoints hold base weights + adapters: the next stage merges them
+            meta["lora"] = self.cfg.lora.model_dump(mode="json")
+        return meta
 
     @property
     def tokenizer_dir(self) -> Path | None:
@@ -532,6 +540,22 @@ class GRPOTrainer(Trainer):
 
     def write_hf(self, path: Path) -> None:
         write_hf(self.parts.policy.hf_weights(), self.parts.model_config, path, self.parts.tokenizer_dir)
+
+    def export(self) -> Path:
+        """hf/ (LoRA adapters merged); with LoRA also adapter/ in PEFT's format."""
+        from algorithms.trainer import publish_dir
+        from core.bridge.peft import save_peft_adapter
+
+        out = super().export()
+        if self.cfg.lora is not None:
+            chunks = self.parts.policy.policy.engine.chunks  # in process (LoRA runs are single-process)
+            config = self.parts.model_config
+
+            publish_dir(
+                self.run_dir / "adapter",
+                lambda tmp: save_peft_adapter(chunks, config, self.parts.arch, tmp, self.cfg.lora),
+            )
+        return out
 
 
 def write_hf(
@@ -631,7 +655,11 @@ def build_components(cfg: GRPOConfig, inputs: Inputs, device: torch.device) -> t
     full = load_init_model(inputs.source)
     model_config = full.config
     policy = build_policy(cfg, full, device)
-    reference = build_reference(cfg, full, device) if needs_reference(cfg) else None
+    reference = None
+    if needs_reference(cfg):
+        from algorithms.inprocess_policy import AdapterFreeReference
+
+        reference = AdapterFreeReference(policy) if cfg.lora else build_reference(cfg, full, device)
     del full
     generator, sync, colocated = build_generator(cfg, inputs, policy, device)
     parts = Components(
@@ -665,6 +693,7 @@ def build_policy(cfg: GRPOConfig, model: Any, device: torch.device) -> Any:
         dtype,
         temperature=logprob_temperature(cfg),
         compile_layers=cfg.train.compile,
+        lora=cfg.lora,
     )
 
 

@@ -23,12 +23,12 @@ import torch
 from algorithms.engine_model import last_position
 from algorithms.policy import PolicyLossConfig, PolicyModel, token_entropy, token_logprobs
 from algorithms.schedules import build_scheduler
-from core.config import OptimConfig
+from core.config import LoraConfig, OptimConfig
 from core.transformer.model import GPTModel
 
 Batch = dict[str, torch.Tensor]
 
-__all__ = ["FrozenReference", "InProcessPolicy", "PolicyLossConfig"]
+__all__ = ["AdapterFreeReference", "FrozenReference", "InProcessPolicy", "PolicyLossConfig"]
 
 
 class InProcessPolicy:
@@ -46,6 +46,7 @@ class InProcessPolicy:
         param_dtype: torch.dtype = torch.float32,
         temperature: float = 1.0,
         compile_layers: bool = False,
+        lora: LoraConfig | None = None,
     ) -> None:
         self.model_config = model.config
         self.policy = PolicyModel.build(
@@ -59,6 +60,7 @@ class InProcessPolicy:
             param_dtype=param_dtype,
             temperature=temperature,
             compile_layers=compile_layers,
+            lora=lora,
         )
         self.scheduler = build_scheduler(self.policy.engine.optimizer, total_optimizer_steps, optim)
 
@@ -87,6 +89,18 @@ class InProcessPolicy:
         path = Path(path)
         self.policy.load(path / "model")
         self.scheduler.load_state_dict(torch.load(path / "schedule.pt", weights_only=False)["scheduler"])
+
+
+class AdapterFreeReference:
+    """Satisfies algorithms.interfaces.Reference for a LoRA policy: the base model is the policy with its
+    adapters disabled (the same weights, no second copy)."""
+
+    def __init__(self, policy: InProcessPolicy) -> None:
+        self.policy = policy
+
+    def logprobs(self, batch: Batch, with_entropy: bool = False) -> dict[str, torch.Tensor]:
+        with self.policy.policy.engine.adapters_disabled():
+            return self.policy.logprobs(batch, with_entropy)
 
 
 class FrozenReference:

@@ -36,7 +36,7 @@ from pydantic import Field, field_validator
 from algorithms.engine_model import Batch, EngineModel, StepStats
 from algorithms.losses import KL_ESTIMATORS, POLICY_LOSSES, aggregate
 from algorithms.registry import Registry
-from core.config import OptimConfig, ParallelConfig, Schema
+from core.config import LoraConfig, OptimConfig, ParallelConfig, Schema
 from core.engine import LossFn, ModelEngine
 from core.errors import InputError
 from core.models import Architecture
@@ -151,15 +151,16 @@ class PolicyModel(EngineModel):
         temperature: float = 1.0,
         arch: Architecture | str | None = None,
         compile_layers: bool = False,
+        lora: LoraConfig | None = None,
     ) -> PolicyModel:
         """A PolicyModel on this rank of `groups` (None: a single process) from the FULL model state in
         our parameter names (e.g. GPTModel.state_dict(), or `from_pretrained` for a directory).
 
-        parallel, compile_layers: as EngineModel.build_engine. clip_grad None: optim.clip_grad.
+        parallel, compile_layers, lora: as EngineModel.build_engine. clip_grad None: optim.clip_grad.
         """
         optim = optim or OptimConfig()
         engine = cls.build_engine(
-            config, full_state, groups, optim, parallel, device, param_dtype, compile_layers
+            config, full_state, groups, optim, parallel, device, param_dtype, compile_layers, lora
         )
         return cls(
             engine,
@@ -278,5 +279,12 @@ class PolicyModel(EngineModel):
         pp ranks yield nothing. dp replicas yield identical streams (pick one, e.g. dp_rank 0, to feed an
         engine). dtype casts each tensor (e.g. fp32 masters -> bf16 engine). Tensors may alias parameters.
         """
-        stream = training_weights_to_hf(self.engine.chunks, self.groups, self.config, self.arch, dtype)
-        yield from gather_to_rank0_over_pp(stream, self.groups, self.device)
+        with self.engine.merged_weights():  # LoRA: W + scale * B A while the stream runs (else a no-op)
+            stream = training_weights_to_hf(self.engine.chunks, self.groups, self.config, self.arch, dtype)
+            yield from gather_to_rank0_over_pp(stream, self.groups, self.device)
+
+    @torch.no_grad()
+    def base_logprobs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """`logprobs` of the base model: the LoRA adapters disabled (the reference, without a copy)."""
+        with self.engine.adapters_disabled():
+            return self.logprobs(batch)

@@ -141,6 +141,8 @@ def _load_pretrain_checkpoint(source: InitSource) -> torch.nn.Module:
     state = {
         k: v for k, v in load_full_state(source.path / "model").items() if not k.startswith(OPTIM_PREFIX)
     }
+    if source.meta is not None and source.meta.get("lora"):
+        state = merge_adapters(state, source.meta["lora"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("inv_freq")]
     if missing or unexpected:
@@ -148,6 +150,20 @@ def _load_pretrain_checkpoint(source: InitSource) -> torch.nn.Module:
             f"{source.path}: checkpoint does not match its run's config: {missing[:3] + unexpected[:3]}"
         )
     return model
+
+
+def merge_adapters(state: dict[str, torch.Tensor], lora: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A LoRA run's checkpoint as plain weights: W + (alpha / rank) * B @ A for every adapted layer
+    (fp32, exact up to rounding), adapter factors dropped."""
+    scale = float(lora["alpha"]) / int(lora["rank"])
+    out = {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B"))}
+    for name, a in state.items():
+        if name.endswith(".lora_A"):
+            layer = name.removesuffix(".lora_A")
+            b = state[f"{layer}.lora_B"]
+            weight = out[f"{layer}.weight"]
+            out[f"{layer}.weight"] = (weight.double() + scale * (b.double() @ a.double())).to(weight.dtype)
+    return out
 
 
 def _legacy_config(source: InitSource) -> Any:

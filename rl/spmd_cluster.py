@@ -81,7 +81,7 @@ def run_spmd_on_ray(trainer_cls: type, cfg: Any, resume: str) -> dict[str, float
         restarts = 0
         while True:
             try:
-                return group.run("fit", dispatch="rank0", timeout_s=RUN_TIMEOUT_S)
+                return group.run("fit", dispatch="all", timeout_s=RUN_TIMEOUT_S)[0]  # every rank trains
             except WorkerGroupError as error:
                 if not error.recoverable or restarts >= cfg.failure.max_restarts:
                     why = (

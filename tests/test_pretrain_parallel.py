@@ -129,10 +129,10 @@ def test_impossible_layout_exits_2(tmp_path):
 )
 def test_cp_ep_layout_errors_say_what_to_change(tmp_path, overrides, message):
     """The checks rl pretrain runs before any rank starts (exit 2 with this message: see the test above)."""
-    from algorithms.pretrain import PretrainConfig, transformer_config_for, validate_layout
+    from algorithms.pretrain import PretrainConfig, validate_layout
     from core.errors import InputError
     from rl.config import load_config
 
     cfg = load_config(PretrainConfig, TINY, [*FAST, f"run.dir={tmp_path}", *overrides])
     with pytest.raises(InputError, match=re.escape(message)):
-        validate_layout(cfg, transformer_config_for(cfg, 64))
+        validate_layout(cfg, cfg.model.transformer_config(64))

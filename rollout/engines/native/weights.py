@@ -20,6 +20,7 @@ from core.bridge.convert import NameMap
 from core.errors import InputError
 from core.models import Architecture, ParamMap
 from core.tensor_parallel.init import shard
+from core.tensor_parallel.lora import is_adapter_name
 from core.transformer.model import GPTModel
 from rollout.engines.base import WeightUpdateRejected
 
@@ -30,7 +31,9 @@ class HFWeightLoader:
     def __init__(self, model: GPTModel, arch: Architecture, tp_group: dist.ProcessGroup | None = None):
         self.model, self.arch, self.tp_group = model, arch, tp_group
         name_map = NameMap(model.config, arch)
-        self._params = dict(model.named_parameters())  # a tied head appears once, as the embedding
+        # A tied head appears once, as the embedding. LoRA factors are not weights an HF stream carries (a
+        # LoRA model generating on its own parameters needs no loading; refits stream merged weights).
+        self._params = {n: p for n, p in model.named_parameters() if not is_adapter_name(n)}
         self._maps: dict[str, tuple[ParamMap, list[str]]] = {n: name_map.lookup(n) for n in self._params}
         self._consumers: dict[str, list[str]] = {}  # HF name -> our parameters built from it
         for ours, (_, hf_names) in self._maps.items():

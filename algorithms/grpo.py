@@ -100,14 +100,15 @@ class EnvironmentConfig(Schema):
             raise ValueError("environment.path is needed with name=reward_model, and only with it")
         return self
 
-    def build(self, tokenizer: Any = None) -> Any:
+    def build(self, tokenizer: Any = None, scorer: Any = None) -> Any:
+        """scorer: reward_model only, what scores the sequences (None: a RewardModel in this process)."""
         from rollout.environments import build_environment
 
         if self.name == "reward_model":
             from algorithms.reward_env import RewardModelEnvironment
 
             verifier = EnvironmentConfig(name=self.verifier).build() if self.verifier else None
-            return RewardModelEnvironment(self.path, tokenizer, verifier=verifier)
+            return RewardModelEnvironment(self.path, tokenizer, verifier=verifier, scorer=scorer)
         kwargs: dict[str, Any] = {"correct_reward": self.correct_reward, "format_reward": self.format_reward}
         if self.name != "arithmetic":
             kwargs["answer_key"] = self.answer_key

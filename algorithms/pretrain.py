@@ -15,16 +15,13 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from algorithms.engine_trainer import EngineTrainer, run_spmd
+from algorithms.engine_trainer import PackedLMTrainer, run_spmd
 from algorithms.model_config import ModelConfig
 from algorithms.trainer import LoopConfig
 from core.config import PrecisionConfig, RunConfig, Schema
-from core.data.pretrain_dataset import PretrainBatches
 from core.engine import check_compile_layout
 from core.errors import InputError
-from core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_token_correct
 from core.transformer.model import GPTModel
-from core.utils.flops import flops_per_token, peak_flops
 
 
 class DatasetSpec(Schema):
@@ -181,137 +178,6 @@ def build_full_model(cfg: PretrainConfig, vocab_size: int) -> tuple[GPTModel, An
             f"model vocab_size={model.config.vocab_size} is smaller than the tokenizer's {vocab_size}"
         )
     return model, arch
-
-
-def next_token_loss(tp_group, n_tokens: torch.Tensor):
-    """loss_fn for the schedules: the micro-batch's token-loss sum over the step's global token count.
-    Batches: input_ids, labels, loss_mask (B, T), optionally position_ids / segment_ids (packed rows)."""
-
-    def loss_fn(logits: torch.Tensor, mb: dict[str, torch.Tensor]):
-        per_token = vocab_parallel_cross_entropy(logits, mb["labels"], tp_group)  # (B, T) fp32
-        loss_sum = (per_token * mb["loss_mask"]).sum()
-        correct = vocab_parallel_token_correct(logits, mb["labels"], tp_group)  # (B, T)
-        metrics = {
-            "loss_sum": loss_sum.detach(),
-            "tokens": mb["loss_mask"].sum(),
-            "correct_sum": (correct * mb["loss_mask"]).sum(),
-        }
-        return loss_sum / n_tokens, metrics
-
-    return loss_fn
-
-
-def round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
-
-
-# ------------------------------------------------------------------------------------------------ run
-
-
-class PackedLMTrainer(EngineTrainer):
-    """A next-token loop over packed rows (pretrain, SFT): the step, throughput metrics, held-out loss."""
-
-    def packed_step(self, batches: PretrainBatches, drop_packing: bool = False) -> dict[str, float]:
-        # Without per-document attention the model builds positions itself and runs plain causal attention.
-        dropped = ("segment_ids", "position_ids") if drop_packing else ()
-        micro_batches = [
-            {k: v.to(self.device) for k, v in next(batches).items() if k not in dropped}
-            for _ in range(self.grad_accum)
-        ]
-        n_tokens = torch.stack([mb["loss_mask"].sum() for mb in micro_batches]).sum().to(torch.float64)
-        n_tokens = self.all_reduce(n_tokens).clamp(min=1.0)
-        lr = self.lr
-        sums, grad_norm, step_metrics = self.train_step(
-            micro_batches, next_token_loss(self.tp_group, n_tokens.float()), ("loss_sum", "correct_sum")
-        )
-        self.tokens_seen += int(n_tokens)
-        self._window_tokens += int(n_tokens)
-        metrics = {
-            "train/loss": sums["loss_sum"] / float(n_tokens),
-            "train/token_accuracy": sums["correct_sum"] / float(n_tokens),
-            "train/lr": lr,
-        }
-        if "loss_scale" in step_metrics:
-            self.skipped_steps += int(step_metrics["skipped"])
-            metrics |= {
-                "train/loss_scale": step_metrics["loss_scale"],
-                "train/skipped_steps": self.skipped_steps,
-            }
-        if not step_metrics.get("skipped"):  # an overflowed step has no finite gradient norm
-            metrics["train/grad_norm"] = grad_norm
-        return metrics
-
-    def setup_throughput(self, seq_len: int) -> None:
-        """MFU on GPUs with a known peak: model FLOPs of the tokens trained over every GPU's peak."""
-        import time
-
-        groups = self.groups
-        world = groups.mp_size * groups.dp_cp_size if groups else 1  # tp * pp * dp * cp ranks
-        peak = peak_flops(self.device)
-        self._flops_per_token = flops_per_token(self.config, seq_len)
-        self._peak_total = peak * world if peak else None
-        self.tokens_seen, self.skipped_steps = 0, 0
-        self._window_tokens, self._window_start = 0, time.perf_counter()
-
-    def log_extras(self) -> dict[str, float]:
-        import time
-
-        elapsed = time.perf_counter() - self._window_start
-        extras = {"perf/tokens_per_s": self._window_tokens / max(elapsed, 1e-9)}
-        if self._peak_total:
-            extras["perf/mfu"] = extras["perf/tokens_per_s"] * self._flops_per_token / self._peak_total
-        extras["train/tokens_seen"] = self.tokens_seen
-        self._window_tokens, self._window_start = 0, time.perf_counter()
-        return extras
-
-    def held_out_loss(self, rows: list[list[int]], masks: list[list[int]]) -> float:
-        """Mean token loss of full sequences (ids, target mask per token) at any layout: right-padded
-        (loss 0 on padding, which causal attention never lets earlier tokens see), split into pp
-        micro-batches so any schedule can run them."""
-        tok_pad = 0
-        width = round_up(max(map(len, rows)) - 1, 2 * self.cfg.parallel.cp) + 1
-        ids = torch.full((len(rows), width), tok_pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), width - 1)
-        for i, (r, m) in enumerate(zip(rows, masks, strict=True)):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r) - 1] = torch.tensor(m[1:], dtype=torch.float32)
-        B, T = ids.shape[0], width - 1
-        batch = {
-            "input_ids": ids[:, :-1],
-            "labels": ids[:, 1:],
-            "loss_mask": mask,
-            "position_ids": torch.arange(T).expand(B, T),
-            "segment_ids": torch.zeros(B, T, dtype=torch.long),
-        }
-        parts = min(B, self.cfg.parallel.pp)
-        mbs = [
-            {k: v[idx].to(self.device) for k, v in batch.items()}
-            for idx in torch.arange(B).tensor_split(parts)
-        ]
-        # Every dp rank evaluates the same rows: divide the dp-summed loss by dp as well.
-        total = float(mask.sum()) * (self.groups.dp_size if self.groups else 1)
-        loss_sum = self.engine.forward_only(
-            mbs, next_token_loss(self.tp_group, torch.tensor(1.0)), "loss_sum"
-        )
-        return loss_sum / max(total, 1.0)
-
-    def setup_batches(self, dataset: Any, seq_len: int) -> None:
-        """This dp rank's resumable micro-batches of the packed dataset, and the throughput counters."""
-        cfg = self.cfg
-        dp_rank, dp_size = self.dp_rank_size
-        self.grad_accum = cfg.train.grad_accum_steps(dp_size)
-        self.batches = PretrainBatches(
-            dataset, cfg.train.micro_batch_size, cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size
-        )
-        self.setup_throughput(seq_len)
-
-    def loop_state(self) -> dict[str, Any]:
-        return {**super().loop_state(), "tokens_seen": self.tokens_seen, "data": self.batches.state_dict()}
-
-    def load_loop_state(self, state: dict[str, Any]) -> None:
-        super().load_loop_state(state)
-        self.tokens_seen = int(state.get("tokens_seen", 0))
-        self.batches.load_state_dict(state["data"])
 
 
 class PretrainTrainer(PackedLMTrainer):

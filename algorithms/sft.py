@@ -16,8 +16,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from algorithms.alignment_inputs import source_tokenizer
+from algorithms.engine_trainer import PackedLMTrainer
 from algorithms.model_config import SourceModelConfig
-from algorithms.pretrain import PackedLMTrainer
 from algorithms.trainer import LoopConfig
 from core.config import LoraConfig, RunConfig, Schema
 from core.errors import InputError

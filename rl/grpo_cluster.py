@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from algorithms.grpo import GRPOConfig, GRPOTrainer, Inputs
+from core.config import ParallelConfig
 from rl.cluster import WorkerGroup, WorkerGroupError
 from rl.cluster.placement import RolePlacement
 
@@ -109,18 +110,23 @@ class ClusterRun:
             roles.append("reference")
         if not self.cfg.colocated_engines:
             roles.append("generation")
+        if self.cfg.environment.name == "reward_model":
+            roles.append("reward_model")
         return roles
 
     def _place(self) -> dict[str, RolePlacement]:
         from rl.cluster import build_pools
 
         placement, roles = self.cfg.cluster_placement, self._roles()
-        if placement.mode == "colocated" or "reference" not in roles or "reference" in placement.pools:
+        # Disaggregated: the reference and the reward model share the policy's pool unless given their own.
+        guests = [r for r in ("reference", "reward_model") if r in roles and r not in placement.pools]
+        if placement.mode == "colocated" or not guests:
             placed = build_pools(placement, roles)
-        else:  # the reference shares the policy's pool, half of each bundle each
-            placed = build_pools(placement, [r for r in roles if r != "reference"])
-            policy_pool = placed["policy"].pool
-            placed["policy"] = placed["reference"] = RolePlacement(policy_pool, share=0.5)
+        else:
+            placed = build_pools(placement, [r for r in roles if r not in guests])
+            share = RolePlacement(placed["policy"].pool, share=1.0 / (1 + len(guests)))
+            for role in ["policy", *guests]:
+                placed[role] = share
         self.pools = list({id(p.pool): p.pool for p in placed.values()}.values())
         return placed
 
@@ -164,7 +170,7 @@ class ClusterRun:
     def _group(self, worker_cls: type, placed: RolePlacement, world: int, name: str, *args: Any, **kw: Any):
         from core.parallel.dims import ParallelDims
 
-        dims = self.cfg.parallel.dims() if name != "generation" else ParallelDims(world_size=world)
+        dims = self.cfg.parallel.dims() if name in ("policy", "reference") else ParallelDims(world_size=world)
         return WorkerGroup(
             worker_cls,
             placed.pool,
@@ -178,7 +184,13 @@ class ClusterRun:
         )
 
     def _build_groups(self, placed: dict[str, RolePlacement]) -> None:
-        from rl.workers import GenerationWorker, PolicyWorker, ReferenceWorker
+        from rl.workers import (
+            GenerationWorker,
+            PolicyWorker,
+            ReferenceWorker,
+            RewardModelSpec,
+            RewardModelWorker,
+        )
 
         cfg, world = self.cfg, self.cfg.parallel.world_size
         self.groups["policy"] = self._group(
@@ -187,6 +199,17 @@ class ClusterRun:
         if "reference" in placed:
             self.groups["reference"] = self._group(
                 ReferenceWorker, placed["reference"], world, "reference", self._policy_spec(False)
+            )
+        if "reward_model" in placed:  # one rank: scores are a forward pass of the prompts + responses
+            spec = RewardModelSpec(
+                init_from=str(self.inputs.environment.source.path),
+                parallel=ParallelConfig(),
+                precision=cfg.precision,
+                micro_batch_size=cfg.train.micro_batch_size,
+                pad_id=self.inputs.tokenizer.pad_token_id or 0,
+            )
+            self.groups["reward_model"] = self._group(
+                RewardModelWorker, placed["reward_model"], 1, "reward_model", spec
             )
         if "generation" in placed:
             engines = placed["generation"].pool.num_bundles
@@ -241,13 +264,18 @@ class ClusterRun:
             )
             sync.connect()
         from algorithms.rl_inputs import init_arch_name
+        from rl.workers import RayRewardModel
 
+        environment = inputs.environment
+        if "reward_model" in self.groups:  # rollouts scored by the RewardModelWorker group
+            scorer = RayRewardModel(self.groups["reward_model"])
+            environment = cfg.environment.build(inputs.tokenizer, scorer=scorer)
         colocated = cfg.cluster_placement.mode == "colocated"
         return Components(
             policy,
             generator,
             sync,
-            inputs.environment,
+            environment,
             inputs.tokenizer,
             reference,
             colocated,

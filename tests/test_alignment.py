@@ -139,6 +139,31 @@ def test_rm_tiny_ranks_held_out_pairs_and_scores_grpo_rollouts(base, tmp_path):
     assert all(r not in (0.0, 1.0) for r in rewards), rewards
     assert all(0.0 <= r["reward/accuracy"] <= 1.0 for r in rows)
 
+    # On Ray the same run scores through a RewardModelWorker group: the first step's rollouts (same seeds,
+    # same weights) get the same rewards as in this process.
+    ray_dir = tmp_path / "grpo_rm_ray"
+    code = rl(
+        "grpo",
+        str(ROOT / "configs/grpo_tiny.yaml"),
+        f"run.dir={ray_dir}",
+        f"model.init_from={base}",
+        "environment.name=reward_model",
+        f"environment.path={run_dir}",
+        "environment.verifier=arithmetic",
+        "train.max_steps=1",
+        "train.eval_every=0",
+        "rollout.prompts_per_step=8",
+        "train.global_batch_size=64",
+        "train.micro_batch_size=32",
+        "placement.num_bundles=1",
+        "ray.num_cpus=2",
+        *QUIET,
+    )
+    assert code == 0
+    first = read_metrics(ray_dir)[0]
+    assert abs(first["reward/mean"] - rows[0]["reward/mean"]) < 1e-4, (first, rows[0])
+    assert first["reward/accuracy"] == rows[0]["reward/accuracy"]
+
 
 @pytest.mark.slow
 def test_any_stage_checkpoint_starts_any_other_stage(base, tmp_path):

@@ -247,7 +247,7 @@ def test_disaggregated_refit_moves_the_weights(ray_cluster, hf_dir: Path, tmp_pa
     run.start()
     try:
         trainer = GRPOTrainer(cfg, run.parts, run.inputs.train_rows, run.inputs.eval_rows)
-        first, second = trainer.step(), trainer.step()
+        first, second = trainer.advance(), trainer.advance()
         assert first["train/grad_norm"] > 0 and first["rollout/logprob_gap_max"] < 1e-4
         # step 2 sampled after a refit of step 1's update: the engine held the trained weights
         assert second["rollout/logprob_gap_max"] < 1e-4

@@ -12,7 +12,9 @@ def test_every_loop_registers_a_schema_a_check_and_a_runner():
     assert set(TRAINING_COMMANDS) >= {"pretrain", "sft", "dpo", "rm", "grpo"}
     for command in TRAINING_COMMANDS.values():
         schema = command.load_schema()
-        assert {"run", "train", "optim", "parallel", "placement", "failure", "ray"} <= set(schema.model_fields)
+        assert {"run", "train", "optim", "parallel", "placement", "failure", "ray"} <= set(
+            schema.model_fields
+        )
         assert (command.trainer is None) != (command.run is None), command.name
 
 

@@ -175,25 +175,9 @@ class EngineTrainer(Trainer):
         return out
 
     def write_peft(self, path: Path) -> None:
-        """Collective: every tp rank gathers its stage's adapters, pp stages send theirs to rank 0."""
-        from core.bridge.peft import save_peft_adapter
-        from core.tensor_parallel.lora import lora_state
+        from core.bridge.peft import write_peft_adapter
 
-        state = {k: v.float().cpu() for k, v in lora_state(self.engine.chunks, self.tp_group).items()}
-        if self.groups is not None and self.groups.pp_size > 1:
-            first = self.groups.ranks["pp"][0]
-            parts: list[Any] | None = [None] * self.groups.pp_size if self.groups.pp_rank == 0 else None
-            dist.gather_object(state, parts, dst=first, group=self.groups.pp_group)
-            state = {k: v for part in parts or [] for k, v in part.items()}
-        if self.rank == 0:
-            save_peft_adapter(
-                state, dataclasses.replace(self.config, fp8="off"), self.arch, path, self.cfg.lora
-            )
-
-    def close(self) -> None:
-        if self._engine_for_eval is not None:
-            self._engine_for_eval.shutdown()
-            self._engine_for_eval = None
+        write_peft_adapter(self.engine.chunks, self.groups, self.config, self.arch, path, self.cfg.lora)
 
     # ---- the whole model: export and generation -------------------------------------------------------
 

@@ -186,8 +186,6 @@ class GRPOConfig(LoopConfig):
         p, placement = self.parallel, self.cluster_placement
         if p.cp > 1:
             raise ValueError("parallel.cp > 1: the RL policy does not support context parallelism yet")
-        if self.lora is not None and self.on_ray:
-            raise ValueError("lora: runs in one process for now (no placement, parallel.* = 1)")
         if self.colocated_engines and p.pp > 1:
             raise ValueError(
                 "placement.mode=colocated with rollout.engine=native generates on the policy's own "
@@ -545,16 +543,11 @@ class GRPOTrainer(Trainer):
     def export(self) -> Path:
         """hf/ (LoRA adapters merged); with LoRA also adapter/ in PEFT's format."""
         from algorithms.trainer import publish_dir
-        from core.bridge.peft import save_peft_adapter
 
         out = super().export()
         if self.cfg.lora is not None:
-            chunks = self.parts.policy.policy.engine.chunks  # in process (LoRA runs are single-process)
-            config = self.parts.model_config
-
             publish_dir(
-                self.run_dir / "adapter",
-                lambda tmp: save_peft_adapter(chunks, config, self.parts.arch, tmp, self.cfg.lora),
+                self.run_dir / "adapter", lambda tmp: self.parts.policy.save_adapter(tmp, self.cfg.lora)
             )
         return out
 

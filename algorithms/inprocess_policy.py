@@ -79,6 +79,9 @@ class InProcessPolicy:
     def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         return self.policy.hf_weights()
 
+    def save_adapter(self, path: str | Path, lora: LoraConfig) -> None:
+        self.policy.save_adapter(path, lora)
+
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -100,7 +103,7 @@ class AdapterFreeReference:
 
     def logprobs(self, batch: Batch, with_entropy: bool = False) -> dict[str, torch.Tensor]:
         with self.policy.policy.engine.adapters_disabled():
-            return self.policy.logprobs(batch, with_entropy)
+            return self.policy.logprobs(batch, with_entropy)  # (the reference needs no entropy path)
 
 
 class FrozenReference:

@@ -283,6 +283,13 @@ class PolicyModel(EngineModel):
             stream = training_weights_to_hf(self.engine.chunks, self.groups, self.config, self.arch, dtype)
             yield from gather_to_rank0_over_pp(stream, self.groups, self.device)
 
+    def save_adapter(self, path: str | Path, lora: LoraConfig) -> None:
+        """The LoRA adapters in PEFT's format (adapter_config.json + adapter_model.safetensors); collective,
+        rank 0 writes."""
+        from core.bridge.peft import write_peft_adapter
+
+        write_peft_adapter(self.engine.chunks, self.groups, self.config, self.arch, path, lora)
+
     @torch.no_grad()
     def base_logprobs(self, batch: Batch) -> dict[str, torch.Tensor]:
         """`logprobs` of the base model: the LoRA adapters disabled (the reference, without a copy)."""

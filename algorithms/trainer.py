@@ -188,6 +188,7 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, resume_step=self.step_count) if self.is_logger else None
         bar = progress_bar(tcfg.max_steps, self.step_count, tcfg.progress_bar and self.is_logger, self.stage)
         last: dict[str, float] = {}
+        shown: dict[str, str] = {}
         try:
             if self.step_count == 0 and tcfg.eval_every > 0 and self.has_eval:
                 first = self.evaluate()  # the starting point of the validation curve
@@ -206,7 +207,8 @@ class Trainer:
                     if logger is not None:
                         logger.log(self.step_count, metrics)
                     last = metrics
-                    shown = {k.split("/")[-1]: f"{metrics[k]:.4g}" for k in self.shown if k in metrics}
+                    # the newest value of each shown metric (an eval metric stays until the next eval)
+                    shown.update({k.split("/")[-1]: f"{metrics[k]:.4g}" for k in self.shown if k in metrics})
                     bar.set_postfix(shown)
                 bar.update(1)
         finally:

@@ -106,7 +106,7 @@ class ClusterRun:
         from algorithms.grpo import needs_reference
 
         roles = ["policy"]
-        if needs_reference(self.cfg):
+        if needs_reference(self.cfg) and self.cfg.lora is None:  # LoRA: the policy's base is the reference
             roles.append("reference")
         if not self.cfg.colocated_engines:
             roles.append("generation")
@@ -148,6 +148,7 @@ class ClusterRun:
             temperature=logprob_temperature(cfg),  # trainer / reference logprobs at the sampling one
             engine=self._engine_spec() if with_engine else None,
             compile_layers=cfg.train.compile,
+            lora=cfg.lora,
         )
 
     def _engine_spec(self, hf_dir: str | None = None) -> Any:
@@ -239,9 +240,10 @@ class ClusterRun:
         return str(path)
 
     def _components(self) -> Any:
-        from algorithms.grpo import Components
+        from algorithms.grpo import Components, needs_reference
         from rl.workers import (
             ColocatedWeightSync,
+            RayBaseReference,
             RayGenerator,
             RayPolicy,
             RayReference,
@@ -251,6 +253,8 @@ class ClusterRun:
         cfg, inputs = self.cfg, self.inputs
         policy = RayPolicy(self.groups["policy"])
         reference = RayReference(self.groups["reference"]) if "reference" in self.groups else None
+        if cfg.lora is not None and needs_reference(cfg):
+            reference = RayBaseReference(self.groups["policy"])
         if cfg.colocated_engines:
             generator = RayGenerator(self.groups["policy"])
             sync: Any = ColocatedWeightSync(self.groups["policy"])

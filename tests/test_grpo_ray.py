@@ -230,6 +230,37 @@ def test_colocated_grpo_step_end_to_end(ray_cluster, hf_dir: Path, tmp_path: Pat
     load_hf(tmp_path / "run" / "hf")
 
 
+def test_colocated_grpo_with_lora_on_ray(ray_cluster, hf_dir: Path, tmp_path: Path) -> None:
+    """LoRA on Ray: the policy workers train adapters only, their base (adapters disabled) is the
+    reference (no reference group), generation samples from the adapted model (logprob gap ~0), and the
+    run exports merged hf/ plus adapter/ in PEFT's format; its checkpoint starts another stage merged."""
+    from algorithms.rl_inputs import load_init_model, resolve_init
+    from core.bridge import load_hf
+    from core.utils.metrics import read_metrics
+    from rl.grpo_cluster import run_grpo_cluster
+
+    cfg = grpo_config(
+        hf_dir,
+        tmp_path / "run",
+        parallel={"dp": 2},
+        placement={"mode": "colocated", "num_bundles": 2},
+        algorithm={"loss": {"kl_coef": 0.01, "entropy_coef": 0.01}},
+        train={"max_steps": 2},
+        lora={"rank": 4, "alpha": 8},
+    )
+    metrics = run_grpo_cluster(cfg)
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["train/kl"] == 0.0 and rows[1]["train/kl"] > 0.0  # the adapters moved away from the base
+    assert metrics["rollout/logprob_gap_max"] < 1e-4
+    assert (tmp_path / "run/adapter/adapter_config.json").is_file()
+    merged = load_hf(tmp_path / "run" / "hf").state_dict()
+    from_checkpoint = load_init_model(resolve_init(tmp_path / "run/checkpoints/step_2")).state_dict()
+    assert all((merged[k] - from_checkpoint[k]).abs().max() < 1e-6 for k in merged)
+    base = load_hf(hf_dir).state_dict()
+    assert any((merged[k] - base[k]).abs().max() > 1e-6 for k in merged)
+
+
 def test_disaggregated_refit_moves_the_weights(ray_cluster, hf_dir: Path, tmp_path: Path) -> None:
     from algorithms.grpo import GRPOTrainer, sampling_requests, write_hf
     from rl.grpo_cluster import ClusterRun

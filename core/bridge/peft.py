@@ -124,3 +124,30 @@ def save_peft_adapter(
     adapter_config = peft_adapter_config(lora_cfg, targets, base_model_name_or_path)
     (path / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
     return path
+
+
+def write_peft_adapter(
+    chunks: Sequence[nn.Module],
+    groups: Any,
+    config: TransformerConfig,
+    arch: Architecture | str | None,
+    path: str | Path,
+    lora_cfg: LoraConfig,
+) -> Path | None:
+    """save_peft_adapter from a training layout (collective): every tp rank gathers its stage's adapters,
+    the pp stages send theirs to pp rank 0, and global rank 0 writes. Returns the path there, else None."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from core.tensor_parallel.lora import lora_state
+
+    tp_group = groups.tp_group if groups is not None else None
+    state = {k: v.float().cpu() for k, v in lora_state(chunks, tp_group).items()}
+    if groups is not None and groups.pp_size > 1:
+        parts: list[Any] | None = [None] * groups.pp_size if groups.pp_rank == 0 else None
+        dist.gather_object(state, parts, dst=groups.ranks["pp"][0], group=groups.pp_group)
+        state = {k: v for part in parts or [] for k, v in part.items()}
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    return save_peft_adapter(state, dataclasses.replace(config, fp8="off"), arch, path, lora_cfg)

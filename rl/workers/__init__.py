@@ -3,6 +3,7 @@ GRPOTrainer the algorithms.interfaces Protocols over their worker groups."""
 
 from rl.workers.adapters import (
     ColocatedWeightSync,
+    RayBaseReference,
     RayCritic,
     RayGenerator,
     RayPolicy,
@@ -28,6 +29,7 @@ __all__ = [
     "RayGenerator",
     "RayPolicy",
     "RayReference",
+    "RayBaseReference",
     "RayRewardModel",
     "ReferenceWorker",
     "RewardModelSpec",

@@ -48,6 +48,16 @@ class RayReference:
         return self.group.run("logprobs", batch, with_entropy, dispatch="dp")
 
 
+class RayBaseReference:
+    """LoRA: the reference is the policy group's base model (adapters disabled on the same weights)."""
+
+    def __init__(self, group: WorkerGroup) -> None:
+        self.group = group
+
+    def logprobs(self, batch: Batch, with_entropy: bool = False) -> dict[str, torch.Tensor]:
+        return self.group.run("base_logprobs", batch, dispatch="dp")
+
+
 class RayPolicy(RayReference):
     """Policy over a worker group of PolicyWorker ranks (any tp x pp x dp layout)."""
 
@@ -67,6 +77,9 @@ class RayPolicy(RayReference):
 
     def model_config(self) -> Any:
         return self.group.run("model_config", dispatch="rank0")
+
+    def save_adapter(self, path: str | Path, lora: Any) -> None:
+        self.group.run("save_adapter", str(path), lora, dispatch="all")
 
 
 class RayCritic:

@@ -47,6 +47,7 @@ def build_policy_model(spec: PolicySpec, groups: Any, device: torch.device) -> P
         param_dtype=param_dtype(spec.precision, device),
         temperature=spec.temperature,
         compile_layers=spec.compile_layers,
+        lora=spec.lora,
     )
 
 
@@ -65,6 +66,10 @@ class ReferenceWorker(Worker):
 
     def logprobs(self, batch: dict[str, torch.Tensor], with_entropy: bool = False) -> dict[str, torch.Tensor]:
         return self.model.logprobs(batch, with_entropy)
+
+    def base_logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """LoRA: the base model's logprobs (adapters disabled), the reference without a second copy."""
+        return self.model.base_logprobs(batch)
 
 
 class PolicyWorker(EngineHostMixin, TrainedModelMixin, ReferenceWorker):
@@ -95,6 +100,10 @@ class PolicyWorker(EngineHostMixin, TrainedModelMixin, ReferenceWorker):
 
     def model_config(self) -> Any:
         return self.model.config
+
+    def save_adapter(self, path: str, lora: Any) -> None:
+        """PEFT-format adapters (collective; rank 0 writes)."""
+        self.model.save_adapter(path, lora)
 
     # ---- weights out ----------------------------------------------------------------------------------
 

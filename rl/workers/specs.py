@@ -12,7 +12,7 @@ from typing import Literal
 
 from algorithms.critic import ValueLossConfig
 from algorithms.policy import PolicyLossConfig
-from core.config import OptimConfig, ParallelConfig, PrecisionConfig
+from core.config import LoraConfig, OptimConfig, ParallelConfig, PrecisionConfig
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class PolicySpec:
     temperature: float = 1.0
     engine: EngineSpec | None = None  # colocated generation on the policy's own parameters
     compile_layers: bool = False  # torch.compile each transformer layer (ModelEngine)
+    lora: LoraConfig | None = None  # train LoRA adapters only; the base (adapters off) is the reference
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from algorithms.alignment_inputs import (
 from algorithms.engine_trainer import PairTrainer
 from algorithms.model_config import SourceModelConfig
 from algorithms.preference_losses import PREFERENCE_LOSSES, REFERENCE_FREE, nll_loss
-from algorithms.trainer import LoopConfig
+from algorithms.trainer import LoopConfig, check_resume
 from core.config import LoraConfig, RunConfig, Schema
 from core.errors import InputError
 from core.transformer.model import GPTModel
@@ -102,6 +102,7 @@ def check_for_run(cfg: DPOConfig) -> None:
 
     source, tokenizer, _ = source_tokenizer(cfg.model)
     cfg.parallel.check_model(init_config(source))
+    check_resume(cfg.run.dir, DPOTrainer.stage, init_config(source))
     cfg.train.grad_accum_steps(cfg.parallel.dp)
     if cfg.train.compile:
         check_compile_layout(cfg.parallel)

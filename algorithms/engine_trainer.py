@@ -433,8 +433,20 @@ def run_spmd(trainer_cls: type[EngineTrainer], cfg: Any) -> dict[str, float]:
     dump_config(cfg, run_dir / "config.yaml")
     if cfg.parallel.world_size == 1:
         return train_rank(trainer_cls, cfg)
+    import torch.multiprocessing as mp
+
+    from algorithms.trainer import RunDiverged
+
     path = f"{trainer_cls.__module__}:{trainer_cls.__qualname__}"
-    launch(_rank_main, cfg.parallel.world_size, path, cfg.model_dump(mode="json"))
+    try:
+        launch(_rank_main, cfg.parallel.world_size, path, cfg.model_dump(mode="json"))
+    except mp.ProcessRaisedException as e:  # every rank sees the same global loss: one says it for all
+        diverged = [
+            line for line in str(e).splitlines() if line.startswith("algorithms.trainer.RunDiverged: ")
+        ]
+        if diverged:
+            raise RunDiverged(diverged[-1].split(": ", 1)[1]) from None
+        raise
     rows = read_metrics(run_dir)
     return rows[-1] if rows else {}
 

@@ -745,9 +745,13 @@ def build_generator(
 def check_for_run(cfg: GRPOConfig) -> Inputs:
     """Every input before anything is written: the single-process checks, and on Ray the layout too
     (check_inputs itself refuses parallel layouts: one process has none; Ray workers have them)."""
-    if not cfg.on_ray:
-        return check_inputs(cfg)
     from algorithms.rl_inputs import init_config
+    from algorithms.trainer import check_resume
+
+    if not cfg.on_ray:
+        inputs = check_inputs(cfg)
+        check_resume(cfg.run.dir, GRPOTrainer.stage, init_config(inputs.source))
+        return inputs
     from core.config import ParallelConfig
     from core.engine import check_compile_layout
 
@@ -756,6 +760,7 @@ def check_for_run(cfg: GRPOConfig) -> Inputs:
         check_compile_layout(cfg.parallel)
     if cfg.parallel.world_size > 1:
         cfg.parallel.check_model(init_config(inputs.source))
+    check_resume(cfg.run.dir, GRPOTrainer.stage, init_config(inputs.source))
     return inputs
 
 

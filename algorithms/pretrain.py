@@ -17,7 +17,7 @@ from pydantic import Field, field_validator, model_validator
 
 from algorithms.engine_trainer import PackedLMTrainer, run_spmd
 from algorithms.model_config import ModelConfig
-from algorithms.trainer import LoopConfig
+from algorithms.trainer import LoopConfig, check_resume
 from core.config import PrecisionConfig, RunConfig, Schema
 from core.engine import check_compile_layout
 from core.errors import InputError
@@ -274,6 +274,7 @@ def check_for_run(cfg: PretrainConfig) -> None:
             f"model vocab_size={config.vocab_size} is smaller than the tokenizer's {len(data.tokenizer)}"
         )
     validate_layout(cfg, config)
+    check_resume(cfg.run.dir, PretrainTrainer.stage, config)
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict[str, float]:

@@ -14,6 +14,7 @@ RewardModel / RewardModelWorker, and GRPO scores rollouts with it (environment.n
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,7 +31,7 @@ from algorithms.alignment_inputs import (
 from algorithms.engine_trainer import PairTrainer
 from algorithms.model_config import SourceModelConfig
 from algorithms.preference_losses import bradley_terry_loss
-from algorithms.trainer import LoopConfig, publish_dir
+from algorithms.trainer import LoopConfig, check_resume, publish_dir
 from core.config import RunConfig, Schema
 from core.errors import InputError
 from core.transformer.model import GPTModel
@@ -64,7 +65,11 @@ def check_for_run(cfg: RMConfig) -> None:
     if cfg.parallel.cp > 1:
         raise InputError("parallel.cp > 1: reward-model training does not split sequences over cp yet")
     source, tokenizer, _ = source_tokenizer(cfg.model)
-    cfg.parallel.check_model(init_config(source))
+    config = init_config(source)
+    cfg.parallel.check_model(config)
+    check_resume(
+        cfg.run.dir, RMTrainer.stage, dataclasses.replace(config, head="value", tie_embeddings=False)
+    )
     cfg.train.grad_accum_steps(cfg.parallel.dp)
     if cfg.data.synthetic is not None:
         synthesize_pairs(cfg, source, tokenizer)

@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 from algorithms.alignment_inputs import source_tokenizer
 from algorithms.engine_trainer import PackedLMTrainer
 from algorithms.model_config import SourceModelConfig
-from algorithms.trainer import LoopConfig
+from algorithms.trainer import LoopConfig, check_resume
 from core.config import LoraConfig, RunConfig, Schema
 from core.errors import InputError
 from core.transformer.model import GPTModel
@@ -102,7 +102,7 @@ def read_sft_rows(cfg: SFTConfig, run_dir: Path) -> tuple[list, list, bool]:
 def check_for_run(cfg: SFTConfig) -> None:
     """Every input, before anything is written: the model source and its tokenizer, every row (each bad
     one named by file:line), the example lengths and the parallel layout."""
-    from algorithms.rl_inputs import init_config, resolve_init
+    from algorithms.rl_inputs import init_config
     from core.data.alignment import build_sft_examples
     from core.engine import check_compile_layout
 
@@ -112,13 +112,13 @@ def check_for_run(cfg: SFTConfig) -> None:
     build_sft_examples(rows, tokenizer, max_len, cfg.data.truncation)
     if eval_rows:
         build_sft_examples(eval_rows, tokenizer, max_len, cfg.data.truncation)
-    cfg.parallel.check_model(init_config(resolve_init(cfg.model.init_from)))
+    cfg.parallel.check_model(init_config(source))
+    check_resume(cfg.run.dir, SFTTrainer.stage, init_config(source))
     cfg.train.grad_accum_steps(cfg.parallel.dp)
     if cfg.train.compile:
         check_compile_layout(cfg.parallel)
     if cfg.data.seq_len % (2 * cfg.parallel.cp):
         raise InputError(f"data.seq_len={cfg.data.seq_len} is not divisible by 2 * parallel.cp")
-    del source
 
 
 # ------------------------------------------------------------------------------------------------- loop

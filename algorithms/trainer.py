@@ -20,6 +20,7 @@ methods call worker groups.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -93,6 +94,11 @@ def publish_dir(final: Path, write: Any, is_writer: bool = True) -> Path:
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class RunDiverged(RuntimeError):
+    """A step's loss or gradient norm is not finite: the run stops before that state reaches a checkpoint
+    or hf/ (the checkpoints on disk stay the good ones). Not restarted: it would diverge again."""
 
 
 class Trainer:
@@ -172,9 +178,17 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------------------
 
     def advance(self) -> dict[str, float]:
-        """One step of the loop, counted."""
+        """One step of the loop, counted. RunDiverged when its loss or gradient norm is not finite."""
         metrics = self.step()
         self.step_count += 1
+        bad = [k for k, v in metrics.items() if k.endswith(("loss", "grad_norm")) and not math.isfinite(v)]
+        if bad:
+            latest = self.checkpoints.latest()
+            kept = f"{latest} is the newest good checkpoint" if latest else "no checkpoint was written"
+            raise RunDiverged(
+                f"{bad[0]}={metrics[bad[0]]} at step {self.step_count}: the run diverged and stopped before "
+                f"saving it; {kept} (lower optim.lr or raise optim.warmup_steps, then rerun to resume)"
+            )
         return metrics
 
     def due(self, every: int) -> bool:
@@ -245,3 +259,39 @@ def model_meta(config: Any, arch: Any = None) -> dict[str, Any]:
         "arch": resolve_architecture(arch, config).name,
         "model_config": config.to_dict() | {"fp8": "off"},  # fp8 is a compute choice, not the architecture
     }
+
+
+ARCHITECTURE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "num_kv_heads",
+    "ffn_hidden_size",
+    "num_experts",
+    "head",
+)
+
+
+def check_resume(run_dir: str | Path, stage: str, config: Any) -> None:
+    """InputError (before anything is written) when run.dir already holds checkpoints this run cannot
+    resume: another stage's, or a model of another shape than the config asks for."""
+    from core.checkpoint.checkpointer import latest_checkpoint, read_meta
+    from core.errors import InputError
+
+    latest = latest_checkpoint(Path(run_dir) / "checkpoints")
+    meta = read_meta(latest) if latest is not None else None
+    if meta is None:
+        return
+    where = f"run.dir={run_dir} holds checkpoints/{latest.name}"
+    if meta["stage"] != stage:
+        raise InputError(
+            f"{where} of an `rl {meta['stage']}` run: resume it with rl {meta['stage']}, or pick another run.dir"
+        )
+    have, want = meta["model_config"], config.to_dict()
+    for key in ARCHITECTURE_KEYS:
+        if have.get(key) != want.get(key):
+            raise InputError(
+                f"{where} of a model with {key}={have.get(key)}, but the config makes {key}={want.get(key)}: "
+                "pick another run.dir to train a different model"
+            )

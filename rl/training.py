@@ -145,9 +145,15 @@ def _cli_run(args: argparse.Namespace) -> int:
     from rl.config import load_config
 
     command = TRAINING_COMMANDS[args.training_command]
+    from algorithms.trainer import RunDiverged
+
     cfg = load_config(command.load_schema(), args.config, args.overrides)
     resume = " ".join(["rl", command.name, args.config, *args.overrides])
-    metrics = run_command(command, cfg, resume)
+    try:
+        metrics = run_command(command, cfg, resume)
+    except RunDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if metrics is None:
         return 1
     shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(command.summary)}
@@ -179,10 +185,12 @@ def run_command(command: TrainingCommand, cfg: Any, resume: str) -> dict[str, fl
 def with_restarts(run: Any, max_restarts: int, resume: str) -> Any:
     """run(); on a crash (not bad input), up to max_restarts more times: each resumes from the newest
     complete checkpoint (checkpoints are atomic, so a crash never leaves a half-written one)."""
+    from algorithms.trainer import RunDiverged
+
     for attempt in range(max_restarts + 1):
         try:
             return run()
-        except (InputError, KeyboardInterrupt):
+        except (InputError, KeyboardInterrupt, RunDiverged):
             raise
         except Exception as e:
             if attempt == max_restarts:

@@ -40,3 +40,64 @@ def test_a_crash_restarts_from_the_checkpoint_bad_input_does_not():
     with pytest.raises(InputError):
         with_restarts(bad_input, 3, "rl sft ...")
     assert len(calls) == 1  # a restart would only repeat it
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+SMALL = [
+    "model.hidden_size=64",
+    "model.num_attention_heads=2",
+    "model.num_kv_heads=1",
+    "model.ffn_hidden_size=128",
+    "data.seq_len=32",
+    "data.synthetic.n_train=500",
+    "data.synthetic.n_eval=10",
+    "eval.num_problems=5",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=8",
+    "train.eval_every=0",
+    "train.progress_bar=false",
+]
+
+
+def test_a_diverging_run_stops_before_saving_and_keeps_its_good_checkpoints(tmp_path, capsys):
+    """lr=1e3: within a few steps the update is inf/nan; the run stops with one line (exit 1) naming the
+    newest good checkpoint, which stays on disk, finite, and nothing of the diverged state is written (no
+    checkpoint of that step, no hf/)."""
+    import re
+
+    import torch
+
+    from core.checkpoint.sharded import load_full_state
+    from rl.cli import main
+
+    run_dir = tmp_path / "run"
+    argv = ["pretrain", str(ROOT / "configs/pretrain_tiny.yaml"), *SMALL, f"run.dir={run_dir}"]
+    code = main([*argv, "optim.lr=1e3", "optim.min_lr=1", "train.max_steps=20", "train.save_every=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    found = re.match(r"error: train/(?:loss|grad_norm)=(?:inf|nan) at step (\d+): the run diverged", err[-1])
+    assert code == 1 and found, err
+    step = int(found.group(1))
+    assert f"checkpoints/step_{step - 1} is the newest good checkpoint" in err[-1]
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert kept[-1] == f"step_{step - 1}" and f"step_{step}" not in kept
+    assert not (run_dir / "hf").exists()
+    state = load_full_state(run_dir / f"checkpoints/step_{step - 1}/model")
+    assert all(torch.isfinite(t).all() for t in state.values() if torch.is_tensor(t))
+
+
+def test_resume_with_another_model_or_stage_stops_before_writing(tmp_path, capsys):
+    from rl.cli import main
+
+    run_dir = tmp_path / "run"
+    argv = ["pretrain", str(ROOT / "configs/pretrain_tiny.yaml"), *SMALL, f"run.dir={run_dir}", "train.max_steps=2"]
+    assert main(argv) == 0
+    config_before = (run_dir / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main([*argv, "model.hidden_size=96", "train.max_steps=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hidden_size=64, but the config makes hidden_size=96" in err[0], err
+    assert (run_dir / "config.yaml").read_text() == config_before  # nothing overwritten
+    sft = ["sft", str(ROOT / "configs/sft_tiny.yaml"), f"run.dir={run_dir}", f"model.init_from={run_dir}"]
+    assert main([*sft, "data.synthetic.n_train=50", "train.progress_bar=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "of an `rl pretrain` run" in err[0], err

@@ -89,7 +89,13 @@ def test_resume_with_another_model_or_stage_stops_before_writing(tmp_path, capsy
     from rl.cli import main
 
     run_dir = tmp_path / "run"
-    argv = ["pretrain", str(ROOT / "configs/pretrain_tiny.yaml"), *SMALL, f"run.dir={run_dir}", "train.max_steps=2"]
+    argv = [
+        "pretrain",
+        str(ROOT / "configs/pretrain_tiny.yaml"),
+        *SMALL,
+        f"run.dir={run_dir}",
+        "train.max_steps=2",
+    ]
     assert main(argv) == 0
     config_before = (run_dir / "config.yaml").read_text()
     capsys.readouterr()

@@ -116,6 +116,7 @@ def check_for_run(cfg: DPOConfig) -> None:
         )
     if held_out is not None:
         build_preference_examples(read_rows(held_out), tokenizer, cfg.data.max_len, cfg.data.truncation)
+    check_resume(cfg.run.dir, DPOTrainer.stage, init_config(source), rows=len(examples))
 
 
 # ------------------------------------------------------------------------------------------------- loop

@@ -620,6 +620,12 @@ def check_inputs(cfg: GRPOConfig) -> Inputs:
         eval_rows = read_prompt_file(cfg.data.eval_path, env.check_row, key) if cfg.data.eval_path else []
     for i, row in enumerate(train_rows[:1] + eval_rows[:1]):
         env.check_row(row, f"prompt {i}")
+    vocab = init_config(source).vocab_size
+    if len(tokenizer) > vocab:
+        raise InputError(
+            f"model.tokenizer: {tokenizer_dir} has {len(tokenizer)} tokens, more than the model's "
+            f"vocab_size={vocab} (ids past it have no embedding)"
+        )
     longest = max(len(encode_prompt(tokenizer, r["prompt"])) for r in train_rows + eval_rows)
     max_tokens = max(cfg.rollout.max_tokens, cfg.eval.max_tokens or 0)
     max_model_len = longest + max_tokens
@@ -750,7 +756,7 @@ def check_for_run(cfg: GRPOConfig) -> Inputs:
 
     if not cfg.on_ray:
         inputs = check_inputs(cfg)
-        check_resume(cfg.run.dir, GRPOTrainer.stage, init_config(inputs.source))
+        check_resume(cfg.run.dir, GRPOTrainer.stage, init_config(inputs.source), len(inputs.train_rows))
         return inputs
     from core.config import ParallelConfig
     from core.engine import check_compile_layout
@@ -760,7 +766,7 @@ def check_for_run(cfg: GRPOConfig) -> Inputs:
         check_compile_layout(cfg.parallel)
     if cfg.parallel.world_size > 1:
         cfg.parallel.check_model(init_config(inputs.source))
-    check_resume(cfg.run.dir, GRPOTrainer.stage, init_config(inputs.source))
+    check_resume(cfg.run.dir, GRPOTrainer.stage, init_config(inputs.source), len(inputs.train_rows))
     return inputs
 
 

@@ -265,8 +265,16 @@ class PromptLoader:
         return batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "rows": len(self.rows)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """A position saved over another number of rows cannot be replayed: InputError saying so (a
+        resumed run must see the data the interrupted one saw)."""
+        rows = int(state.get("rows", len(self.rows)))
+        if rows != len(self.rows) or int(state["position"]) > len(self.rows):
+            raise InputError(
+                f"the checkpoint was written over {rows} rows but the data now has {len(self.rows)}: resume "
+                "with the same data, or start a new run.dir"
+            )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._order_of(self.epoch)

@@ -65,11 +65,9 @@ def check_for_run(cfg: RMConfig) -> None:
     if cfg.parallel.cp > 1:
         raise InputError("parallel.cp > 1: reward-model training does not split sequences over cp yet")
     source, tokenizer, _ = source_tokenizer(cfg.model)
-    config = init_config(source)
+    config = dataclasses.replace(init_config(source), head="value", tie_embeddings=False)
     cfg.parallel.check_model(config)
-    check_resume(
-        cfg.run.dir, RMTrainer.stage, dataclasses.replace(config, head="value", tie_embeddings=False)
-    )
+    check_resume(cfg.run.dir, RMTrainer.stage, config)
     cfg.train.grad_accum_steps(cfg.parallel.dp)
     if cfg.data.synthetic is not None:
         synthesize_pairs(cfg, source, tokenizer)
@@ -86,6 +84,7 @@ def check_for_run(cfg: RMConfig) -> None:
             raise InputError(f"{where}: algorithm.margin_key={key!r} but the row has no number there")
     if held_out is not None:
         build_preference_examples(read_rows(held_out), tokenizer, cfg.data.max_len, cfg.data.truncation)
+    check_resume(cfg.run.dir, RMTrainer.stage, config, rows=len(examples))
 
 
 class RMTrainer(PairTrainer):

@@ -273,9 +273,10 @@ ARCHITECTURE_KEYS = (
 )
 
 
-def check_resume(run_dir: str | Path, stage: str, config: Any) -> None:
+def check_resume(run_dir: str | Path, stage: str, config: Any, rows: int | None = None) -> None:
     """InputError (before anything is written) when run.dir already holds checkpoints this run cannot
-    resume: another stage's, or a model of another shape than the config asks for."""
+    resume: another stage's, a model of another shape than the config asks for, or (rows: the number of
+    prompts / pairs the loop walks) a data position saved over other data."""
     from core.checkpoint.checkpointer import latest_checkpoint, read_meta
     from core.errors import InputError
 
@@ -295,3 +296,12 @@ def check_resume(run_dir: str | Path, stage: str, config: Any) -> None:
                 f"{where} of a model with {key}={have.get(key)}, but the config makes {key}={want.get(key)}: "
                 "pick another run.dir to train a different model"
             )
+    if rows is not None:
+        from algorithms.rl_inputs import PromptLoader
+        from core.checkpoint.checkpointer import CheckpointManager
+
+        data = CheckpointManager.load_state(latest).get("data", {})
+        try:
+            PromptLoader(list(range(rows)), 1, 0).load_state_dict(data)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None

@@ -107,3 +107,52 @@ def test_resume_with_another_model_or_stage_stops_before_writing(tmp_path, capsy
     assert main([*sft, "data.synthetic.n_train=50", "train.progress_bar=false"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "of an `rl pretrain` run" in err[0], err
+
+
+def test_grpo_refuses_a_tokenizer_past_the_vocabulary_and_a_resume_over_other_prompts(tmp_path, capsys):
+    import dataclasses
+    import json
+
+    import torch
+    from tiny_llama import save_random_tiny_llama, tiny_llama_config
+
+    from core.bridge import save_hf
+    from core.data.synthetic import generate_arithmetic, save_char_tokenizer
+    from core.transformer.model import GPTModel
+    from rl.cli import main
+
+    tok = save_char_tokenizer(tmp_path / "tokenizer")
+    model = save_random_tiny_llama(tmp_path / "model", tokenizer_dir=tok)
+    torch.manual_seed(0)
+    small = tmp_path / "small_vocab"
+    save_hf(GPTModel(dataclasses.replace(tiny_llama_config(), vocab_size=16)), small, tokenizer_dir=tok)
+    problems, _ = generate_arithmetic(32, 1, seed=0)
+    rows = [{"prompt": p.prompt, "answer": p.answer} for p in problems]
+    for name, part in (("all", rows), ("half", rows[:16])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    run_dir = tmp_path / "run"
+    argv = [
+        "grpo",
+        str(ROOT / "configs/grpo_tiny.yaml"),
+        f"run.dir={run_dir}",
+        "data.synthetic=null",
+        "train.max_steps=1",
+        "train.eval_every=0",
+        "rollout.prompts_per_step=4",
+        "train.global_batch_size=32",
+        "train.micro_batch_size=32",
+        "train.progress_bar=false",
+    ]
+    assert main([*argv, f"model.init_from={small}", f"data.path={tmp_path / 'all.jsonl'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "more than the model's vocab_size=16" in err[0], err
+    assert not run_dir.exists()
+
+    assert main([*argv, f"model.init_from={model}", f"data.path={tmp_path / 'all.jsonl'}"]) == 0
+    config_before = (run_dir / "config.yaml").read_text()
+    capsys.readouterr()
+    resumed = [*argv, f"model.init_from={model}", f"data.path={tmp_path / 'half.jsonl'}", "train.max_steps=2"]
+    assert main(resumed) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "written over 32 rows but the data now has 16" in err[0], err
+    assert (run_dir / "config.yaml").read_text() == config_before

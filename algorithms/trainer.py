@@ -97,8 +97,8 @@ def publish_dir(final: Path, write: Any, is_writer: bool = True) -> Path:
 
 
 class RunDiverged(RuntimeError):
-    """A step's loss or gradient norm is not finite: the run stops before that state reaches a checkpoint
-    or hf/ (the checkpoints on disk stay the good ones). Not restarted: it would diverge again."""
+    """A step's loss or gradient norm is not finite: the run stops (exit 3) before that state reaches a
+    checkpoint or hf/ (the checkpoints on disk stay the good ones). Not restarted: it would diverge again."""
 
 
 class Trainer:

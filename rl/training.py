@@ -151,9 +151,9 @@ def _cli_run(args: argparse.Namespace) -> int:
     resume = " ".join(["rl", command.name, args.config, *args.overrides])
     try:
         metrics = run_command(command, cfg, resume)
-    except RunDiverged as e:
+    except RunDiverged as e:  # exit 3: the run stopped on its numbers (2: bad input, 1: a failure)
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 3
     if metrics is None:
         return 1
     shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(command.summary)}

@@ -60,7 +60,7 @@ SMALL = [
 
 
 def test_a_diverging_run_stops_before_saving_and_keeps_its_good_checkpoints(tmp_path, capsys):
-    """lr=1e3: within a few steps the update is inf/nan; the run stops with one line (exit 1) naming the
+    """lr=1e3: within a few steps the update is inf/nan; the run stops with one line (exit 3) naming the
     newest good checkpoint, which stays on disk, finite, and nothing of the diverged state is written (no
     checkpoint of that step, no hf/)."""
     import re
@@ -75,7 +75,7 @@ def test_a_diverging_run_stops_before_saving_and_keeps_its_good_checkpoints(tmp_
     code = main([*argv, "optim.lr=1e3", "optim.min_lr=1", "train.max_steps=20", "train.save_every=1"])
     err = capsys.readouterr().err.strip().splitlines()
     found = re.match(r"error: train/(?:loss|grad_norm)=(?:inf|nan) at step (\d+): the run diverged", err[-1])
-    assert code == 1 and found, err
+    assert code == 3 and found, err
     step = int(found.group(1))
     assert f"checkpoints/step_{step - 1} is the newest good checkpoint" in err[-1]
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())

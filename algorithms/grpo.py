@@ -749,24 +749,20 @@ def build_generator(
 
 
 def check_for_run(cfg: GRPOConfig) -> Inputs:
-    """Every input before anything is written: the single-process checks, and on Ray the layout too
-    (check_inputs itself refuses parallel layouts: one process has none; Ray workers have them)."""
+    """Every input before anything is written: the single-process checks (check_inputs refuses parallel
+    layouts: one process has none), on Ray the layout against the model, and what run.dir already holds."""
     from algorithms.rl_inputs import init_config
     from algorithms.trainer import check_resume
-
-    if not cfg.on_ray:
-        inputs = check_inputs(cfg)
-        check_resume(cfg.run.dir, GRPOTrainer.stage, init_config(inputs.source), len(inputs.train_rows))
-        return inputs
     from core.config import ParallelConfig
     from core.engine import check_compile_layout
 
-    inputs = check_inputs(cfg.model_copy(update={"parallel": ParallelConfig()}))
-    if cfg.train.compile:
+    inputs = check_inputs(cfg.model_copy(update={"parallel": ParallelConfig()}) if cfg.on_ray else cfg)
+    config = init_config(inputs.source)
+    if cfg.on_ray and cfg.train.compile:
         check_compile_layout(cfg.parallel)
-    if cfg.parallel.world_size > 1:
-        cfg.parallel.check_model(init_config(inputs.source))
-    check_resume(cfg.run.dir, GRPOTrainer.stage, init_config(inputs.source), len(inputs.train_rows))
+    if cfg.on_ray and cfg.parallel.world_size > 1:
+        cfg.parallel.check_model(config)
+    check_resume(cfg.run.dir, GRPOTrainer.stage, config, len(inputs.train_rows))
     return inputs
 
 
@@ -775,7 +771,7 @@ def run_grpo(cfg: GRPOConfig) -> dict[str, float]:
     from core.config import dump_config
     from core.utils.device import resolve_device
 
-    inputs = check_inputs(cfg)
+    inputs = check_for_run(cfg)
     device = resolve_device(cfg.train.device)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)

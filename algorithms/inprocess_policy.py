@@ -103,7 +103,7 @@ class AdapterFreeReference:
 
     def logprobs(self, batch: Batch, with_entropy: bool = False) -> dict[str, torch.Tensor]:
         with self.policy.policy.engine.adapters_disabled():
-            return self.policy.logprobs(batch, with_entropy)  # (the reference needs no entropy path)
+            return self.policy.logprobs(batch, with_entropy)
 
 
 class FrozenReference:

@@ -130,10 +130,10 @@ def load_init_model(source: InitSource) -> torch.nn.Module:
         from core.bridge import load_native
 
         return load_native(source.path)[0]
-    return _load_pretrain_checkpoint(source)
+    return _load_checkpoint(source)
 
 
-def _load_pretrain_checkpoint(source: InitSource) -> torch.nn.Module:
+def _load_checkpoint(source: InitSource) -> torch.nn.Module:
     from core.checkpoint.sharded import OPTIM_PREFIX, load_full_state
     from core.transformer.model import GPTModel
 

@@ -26,9 +26,9 @@ class TrainingCommand:
     help: str  # one line for `rl --help`
     description: str  # `rl NAME --help`
     schema: str  # "module:Class": the config schema (in-process and Ray alike)
-    check: str  # "module:function": check(cfg) every input before anything is written
+    check: str | None = None  # "module:function": check(cfg), every input before anything is written
     trainer: str | None = None  # "module:Class": an SPMD EngineTrainer (runs locally or on Ray)
-    run: str | None = None  # "module:function": run(cfg) for loops that are not SPMD (grpo)
+    run: str | None = None  # "module:function": run(cfg, resume) for the other loops (grpo), checking itself
     summary: tuple[str, ...] = ("eval/",)  # metric prefixes printed when the run ends
 
     def load_schema(self) -> type:
@@ -109,7 +109,6 @@ TRAINING_COMMANDS: dict[str, TrainingCommand] = {
             "GRPO with parallel.* > 1 always runs on Ray (colocated on one bundle when no placement):\n"
             "  placement: {mode: disaggregated, pools: {policy: 2, generation: 1}, gpus_per_bundle: 1}",
             "algorithms.grpo:GRPOConfig",
-            "algorithms.grpo:check_for_run",
             run="rl.grpo_cluster:run_grpo_any",
             summary=("reward/", "eval/"),
         ),
@@ -164,10 +163,10 @@ def _cli_run(args: argparse.Namespace) -> int:
 def run_command(command: TrainingCommand, cfg: Any, resume: str) -> dict[str, float] | None:
     """Check every input, then run: in this process (with failure.max_restarts restarts from the newest
     checkpoint) or on Ray. None when the run stopped on a failure it could not recover from (said on
-    stderr)."""
-    _load(command.check)(cfg)
+    stderr). A `run` command checks its inputs itself (once, in the place that builds from them)."""
     if command.run is not None:
         return _load(command.run)(cfg, resume)
+    _load(command.check)(cfg)
     trainer_cls = _load(command.trainer)
     if cfg.on_ray:
         from rl.spmd_cluster import SPMDRunError, run_spmd_on_ray

@@ -16,6 +16,7 @@ def test_every_loop_registers_a_schema_a_check_and_a_runner():
             schema.model_fields
         )
         assert (command.trainer is None) != (command.run is None), command.name
+        assert (command.check is None) == (command.trainer is None), command.name  # run commands check
 
 
 def test_a_crash_restarts_from_the_checkpoint_bad_input_does_not():

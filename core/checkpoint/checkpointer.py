@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from core.errors import InputError
 
@@ -86,63 +85,9 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(
-    root: str | Path,
-    step: int,
-    model_state: dict[str, Any],
-    optim_state: dict[str, Any] | None,
-    trainer_state: dict[str, Any],
-    keep_last: int = 2,
-) -> Path:
-    """Writes checkpoints/step_N atomically; every rank calls it (DCP is collective)."""
-    root = Path(root)
-    final = root / f"step_{step}"
-    tmp = root / f".tmp-step_{step}"
-    if _is_rank0():
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    _barrier()
-    dcp.save(model_state, checkpoint_id=str(tmp / "model"))
-    if optim_state is not None:
-        dcp.save(optim_state, checkpoint_id=str(tmp / "optim"))
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    torch.save({"rng": rng_state()}, tmp / f"rng_rank{rank}.pt")
-    _barrier()
-    if _is_rank0():
-        torch.save(trainer_state, tmp / "trainer.pt")
-        (tmp / MARKER).write_text(f"{step}\n")
-        _fsync_tree(tmp)
-        if final.exists():  # a re-save of the same step after a resume: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _prune(root, keep_last)
-    _barrier()
-    return final
-
-
 def _prune(root: Path, keep_last: int) -> None:
     for _, path in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def load_checkpoint(
-    path: str | Path, model_state: dict[str, Any], optim_state: dict[str, Any] | None
-) -> dict[str, Any]:
-    """Loads in place into the given (already sharded) state dicts; returns trainer state with this rank's RNG."""
-    path = Path(path)
-    if not (path / MARKER).is_file():
-        raise InputError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
-    dcp.load(model_state, checkpoint_id=str(path / "model"))
-    if optim_state is not None:
-        dcp.load(optim_state, checkpoint_id=str(path / "optim"))
-    trainer_state = torch.load(path / "trainer.pt", weights_only=False)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    rng_file = path / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
-        trainer_state["rng"] = torch.load(rng_file, weights_only=False)["rng"]
-    return trainer_state
 
 
 # ---- one checkpoint manager for every loop -------------------------------------------------------------

@@ -50,6 +50,17 @@ def _token_rewards(rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.
     return torch.where(response_mask.bool(), rewards.float(), 0.0)
 
 
+def kl_penalized_rewards(
+    rewards: torch.Tensor, response_mask: torch.Tensor, kl: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """(B, T) token rewards r_t - kl_coef * kl_t on the response tokens (0 elsewhere): the KL to the
+    reference as a per-token reward (Ziegler et al. 2019; verl's and OpenRLHF's use_kl_in_reward). rewards:
+    (B,) scores (placed on each row's last response token) or (B, T) token rewards; kl: (B, T) a per-token
+    KL estimate of the sampling policy to the reference (e.g. KL_ESTIMATORS "k1" of old vs ref logprobs)."""
+    token_rewards = _token_rewards(rewards, response_mask)
+    return token_rewards - kl_coef * torch.where(response_mask.bool(), kl.float(), 0.0)
+
+
 def sequence_scores(rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """(B,) sum of each row's response-token rewards (the score, when it was placed on one token)."""
     return _token_rewards(rewards, response_mask).sum(dim=-1)

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field, model_validator
 
 from algorithms.model_config import SourceModelConfig
-from core.config import Schema
+from core.config import InputPath, Schema
 from core.errors import InputError
 from core.transformer.model import GPTModel
 
@@ -73,8 +73,10 @@ class PairSyntheticConfig(Schema):
 
 
 class PairDataConfig(Schema):
-    path: str | None = Field(None, description="pairs {prompt, chosen, rejected} (text or chat messages)")
-    eval_path: str | None = None
+    path: InputPath | None = Field(
+        None, description="pairs {prompt, chosen, rejected} (text or chat messages)"
+    )
+    eval_path: InputPath | None = None
     synthetic: PairSyntheticConfig | None = None
     max_len: int = Field(128, ge=2, description="tokens of prompt + the longer response")
     truncation: Literal["off", "right"] = "off"

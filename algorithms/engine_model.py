@@ -209,7 +209,12 @@ class EngineModel:
     def save(self, path: str | Path) -> None:
         """Model and optimizer state as a torch.distributed.checkpoint directory (collective: every rank
         calls it). It loads at any other layout (`load`). Not atomic: write into a temporary directory and
-        rename it (core/checkpoint/checkpointer.py does so for whole training checkpoints)."""
+        rename it (core/checkpoint/checkpointer.py does so for whole training checkpoints). RunDiverged,
+        on every rank and before anything is written, when the weights or optimizer state are not finite."""
+        if not self.engine.state_finite():
+            from algorithms.trainer import RunDiverged
+
+            raise RunDiverged(f"the weights are not finite: {path} not written")
         dcp.save(self.engine.sharded_state(), checkpoint_id=str(path))
 
     def load(self, path: str | Path) -> None:

@@ -83,6 +83,7 @@ class EngineTrainer(Trainer):
             param_dtype(cfg.precision, self.device, allow_fp16=True),
             grad_scaler=scaler,
             compile_layers=cfg.train.compile,
+            recompute=cfg.train.recompute,
             **self.engine_extras(),
         )
 
@@ -113,11 +114,12 @@ class EngineTrainer(Trainer):
         sums: tuple[str, ...] = ("loss_sum",),
     ) -> tuple[dict[str, float], float, dict[str, float]]:
         """One optimizer step through the engine, then the LR schedule. Returns (the loss_fn metrics `sums`
-        summed over micro-batches and ranks, the grad norm before clipping, the engine's step metrics)."""
+        summed over micro-batches and ranks, the grad norm before clipping, the engine's step metrics).
+        A non-finite loss_sum or grad norm skips the update on every rank (ModelEngine.optimizer_step)."""
         per_mb = self.engine.forward_backward(micro_batches, loss_fn)
         self.engine.finalize_grads()
-        grad_norm, metrics = self.engine.optimizer_step(self.cfg.optim.clip_grad)
         reduced = {key: self.engine.reduce_metric(per_mb, key) for key in sums}
+        grad_norm, metrics = self.engine.optimizer_step(self.cfg.optim.clip_grad, reduced.get("loss_sum"))
         # An fp16 step skipped on overflow still advances the LR schedule: the LR stays a function of the
         # step (what a resume recomputes). torch warns when that happens before any optimizer.step().
         with warnings.catch_warnings():
@@ -132,7 +134,21 @@ class EngineTrainer(Trainer):
     # ---- checkpoints ------------------------------------------------------------------------------------
 
     def save_model(self, path: Path) -> None:
-        dcp.save(self.engine.sharded_state(), checkpoint_id=str(path / "model"))
+        # through the manager: with train.async_save the write runs in the background
+        self.checkpoints.write_state(self.engine.sharded_state(), path / "model")
+
+    def state_finite(self) -> bool:
+        return self.engine.state_finite()
+
+    def checkpoint_bytes(self) -> int:
+        from core.checkpoint.checkpointer import estimate_checkpoint_bytes
+
+        with torch.device("meta"):  # the whole model's parameter count, nothing allocated
+            whole = GPTModel(dataclasses.replace(self.config, fp8="off"))
+        n_params = sum(p.numel() for p in whole.parameters())
+        local = [p for chunk in self.engine.chunks for p in chunk.parameters()]
+        trained = sum(p.numel() for p in local if p.requires_grad) / max(1, sum(p.numel() for p in local))
+        return estimate_checkpoint_bytes(n_params, local[0].element_size(), int(n_params * trained))
 
     def load_model(self, path: Path) -> None:
         template = self.engine.load_template(path / "model")
@@ -435,17 +451,15 @@ def run_spmd(trainer_cls: type[EngineTrainer], cfg: Any) -> dict[str, float]:
         return train_rank(trainer_cls, cfg)
     import torch.multiprocessing as mp
 
-    from algorithms.trainer import RunDiverged
+    from core.parallel.heartbeat import hang_policy
 
-    path = f"{trainer_cls.__module__}:{trainer_cls.__qualname__}"
+    path, hang = f"{trainer_cls.__module__}:{trainer_cls.__qualname__}", hang_policy(cfg.failure)
     try:
-        launch(_rank_main, cfg.parallel.world_size, path, cfg.model_dump(mode="json"))
-    except mp.ProcessRaisedException as e:  # every rank sees the same global loss: one says it for all
-        diverged = [
-            line for line in str(e).splitlines() if line.startswith("algorithms.trainer.RunDiverged: ")
-        ]
-        if diverged:
-            raise RunDiverged(diverged[-1].split(": ", 1)[1]) from None
+        launch(_rank_main, cfg.parallel.world_size, path, cfg.model_dump(mode="json"), hang=hang)
+    except mp.ProcessRaisedException as e:
+        one_line = _one_line_error(str(e))
+        if one_line is not None:  # every rank sees the same global loss / input: one says it for all
+            raise one_line from None
         raise
     rows = read_metrics(run_dir)
     return rows[-1] if rows else {}
@@ -453,14 +467,32 @@ def run_spmd(trainer_cls: type[EngineTrainer], cfg: Any) -> dict[str, float]:
 
 def train_rank(trainer_cls: type[EngineTrainer], cfg: Any, groups: Groups | None = None, rank: int = 0):
     """This rank's whole run: build (resuming), fit, export, plot. Returns the last logged metrics."""
+    from core.parallel.heartbeat import beat
+
     trainer = trainer_cls(cfg, groups, rank)
     try:
         metrics = trainer.fit()
+        beat("export", trainer.step_count)
         trainer.export()
         trainer.plot()
+        beat("done", trainer.step_count)
     finally:
         trainer.close()
     return metrics
+
+
+def _one_line_error(trace: str) -> Exception | None:
+    """The error a rank raised, when it is one of those the CLI reports in one line (and never restarts):
+    a diverged run, bad input, a storage failure."""
+    from algorithms.trainer import RunDiverged
+    from core.errors import InputError, StorageError
+
+    for cls in (RunDiverged, InputError, StorageError):
+        prefix = f"{cls.__module__}.{cls.__qualname__}: "
+        lines = [line for line in trace.splitlines() if line.startswith(prefix)]
+        if lines:
+            return cls(lines[-1].removeprefix(prefix))
+    return None
 
 
 def trainer_class(path: str) -> type[EngineTrainer]:

@@ -37,7 +37,7 @@ from algorithms.interfaces import Batch, Environment, Generator, Policy, Referen
 from algorithms.model_config import SourceModelConfig
 from algorithms.rl_inputs import PromptLoader, Row
 from algorithms.trainer import LoopConfig, Trainer, model_meta, timed
-from core.config import LoraConfig, Placement, RayOptions, RunConfig, Schema
+from core.config import InputPath, LoraConfig, Placement, RayOptions, RunConfig, Schema
 from core.errors import InputError
 from rollout.environments import Completion, Score
 from rollout.types import GenerationRequest, GenerationResult, SamplingParams
@@ -57,8 +57,8 @@ class ArithmeticPromptsConfig(Schema):
 
 
 class PromptsConfig(Schema):
-    path: str | None = Field(None, description='JSONL of {"prompt": str, ...} rows (e.g. "answer")')
-    eval_path: str | None = Field(None, description="held-out JSONL, same format; none: no validation")
+    path: InputPath | None = Field(None, description='JSONL of {"prompt": str, ...} rows (e.g. "answer")')
+    eval_path: InputPath | None = Field(None, description="held-out JSONL, same format; none: no validation")
     prompt_key: str = "prompt"
     synthetic: ArithmeticPromptsConfig | None = Field(None, description="the embedded arithmetic task")
     shuffle: bool = True
@@ -89,7 +89,9 @@ class EnvironmentConfig(Schema):
     correct_reward: float = 1.0
     format_reward: float = Field(0.0, description="added for a well-formed response (answer + EOS)")
     answer_key: str = Field("answer", description="exact_match / math: the row's reference field")
-    path: str | None = Field(None, description="reward_model: an `rl rm` run directory or its reward_model/")
+    path: InputPath | None = Field(
+        None, description="reward_model: an `rl rm` run directory or its reward_model/"
+    )
     verifier: Literal["arithmetic", "exact_match", "math"] | None = Field(
         None, description="reward_model: what reports `correct` (accuracy metrics); none: score > 0"
     )

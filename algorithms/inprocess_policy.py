@@ -91,7 +91,7 @@ class InProcessPolicy:
     def load(self, path: str | Path) -> None:
         path = Path(path)
         self.policy.load(path / "model")
-        self.scheduler.load_state_dict(torch.load(path / "schedule.pt", weights_only=False)["scheduler"])
+        self.scheduler.load_state_dict(torch.load(path / "schedule.pt", weights_only=True)["scheduler"])
 
 
 class AdapterFreeReference:

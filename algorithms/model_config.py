@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from core.config import Schema
+from core.config import InputPath, Schema
 from core.errors import InputError
 
 Arch = Literal["llama", "qwen2", "qwen3", "mistral", "mixtral", "gpt2"]
@@ -15,7 +15,7 @@ Arch = Literal["llama", "qwen2", "qwen3", "mistral", "mixtral", "gpt2"]
 
 class ModelConfig(Schema):
     arch: Arch = Field("llama", description="architecture preset: norms, activation, positions, biases")
-    init_from: str | None = Field(
+    init_from: InputPath | None = Field(
         None,
         description="start from these weights (architecture included): an HF directory, a run directory of "
         "any stage, or one of its checkpoints/step_N",
@@ -81,11 +81,13 @@ class SourceModelConfig(Schema):
     """`model:` of a loop that starts from trained weights (sft, dpo, rm, grpo, ...). Architecture fields
     are optional; when given they must match the source's (a mismatch stops before any work)."""
 
-    init_from: str = Field(
+    init_from: InputPath = Field(
         description="an HF directory, a converted (native) directory, a run directory of any stage (its hf/ "
         "or newest checkpoint) or one of its checkpoints/step_N"
     )
-    tokenizer: str | None = Field(None, description="tokenizer dir; default: the one next to the weights")
+    tokenizer: InputPath | None = Field(
+        None, description="tokenizer dir; default: the one next to the weights"
+    )
     arch: Arch | None = Field(None, description="if set: must be the source's architecture family")
     hidden_size: int | None = Field(None, ge=1)
     num_layers: int | None = Field(None, ge=1)

@@ -18,14 +18,14 @@ from pydantic import Field, field_validator, model_validator
 from algorithms.engine_trainer import PackedLMTrainer, run_spmd
 from algorithms.model_config import ModelConfig
 from algorithms.trainer import LoopConfig, check_resume
-from core.config import PrecisionConfig, RunConfig, Schema
+from core.config import InputPath, PrecisionConfig, RunConfig, Schema
 from core.engine import check_compile_layout
 from core.errors import InputError
 from core.transformer.model import GPTModel
 
 
 class DatasetSpec(Schema):
-    path: str = Field(description="prefix of a .bin/.idx pair written by `rl data tokenize`")
+    path: InputPath = Field(description="prefix of a .bin/.idx pair written by `rl data tokenize`")
     weight: float = Field(1.0, gt=0)
 
 
@@ -51,7 +51,9 @@ class DataConfig(Schema):
         None, description="generate the embedded arithmetic task into the run directory"
     )
     datasets: list[DatasetSpec] = Field(default_factory=list, description="blended indexed datasets")
-    tokenizer: str | None = Field(None, description="local tokenizer directory (generated for synthetic)")
+    tokenizer: InputPath | None = Field(
+        None, description="local tokenizer directory (generated for synthetic)"
+    )
     seq_len: int = Field(64, ge=2)
     reset_attention_mask: bool = Field(
         True,

@@ -49,7 +49,15 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def resolve_init(path: str | Path) -> InitSource:
-    """Classifies `path` (see the module docstring); InputError naming what is missing otherwise."""
+    """Classifies `path` (see the module docstring) and checks its weights without loading them: every
+    tensor the architecture needs is there, of the shape its config makes, and a checkpoint's files load as
+    plain data (core/checkpoint/safe_load.py). InputError (one line) naming what is wrong otherwise."""
+    source = _classify(path)
+    check_weights(source)
+    return source
+
+
+def _classify(path: str | Path) -> InitSource:
     p = Path(path)
     if not p.exists():
         raise InputError(
@@ -61,16 +69,16 @@ def resolve_init(path: str | Path) -> InitSource:
     if (p / "model_config.json").is_file():
         return InitSource("native", p, p if _has_tokenizer(p) else None)
     if (p / "hf" / "config.json").is_file():
-        return resolve_init(p / "hf")
+        return _classify(p / "hf")
     if (p / "reward_model" / "model_config.json").is_file():  # an `rl rm` run's export
-        return resolve_init(p / "reward_model")
+        return _classify(p / "reward_model")
     if (p / "checkpoints").is_dir():
         from core.checkpoint.checkpointer import latest_checkpoint
 
         latest = latest_checkpoint(p / "checkpoints")
         if latest is None:
             raise InputError(f"model.init_from: run directory {p} has no hf/ and no complete checkpoint")
-        return resolve_init(latest)
+        return _classify(latest)
     if (p / "COMPLETE").is_file() and (p / "model").is_dir():
         from core.checkpoint.checkpointer import TOKENIZER_DIR, read_meta
 
@@ -89,6 +97,43 @@ def resolve_init(path: str | Path) -> InitSource:
         f"model.init_from: {p} is not an HF checkpoint, a converted model, a run directory or one of its "
         "checkpoints/step_N"
     )
+
+
+def check_weights(source: InitSource) -> None:
+    """The source's tensors against its architecture, from headers and metadata only (see resolve_init)."""
+    if source.kind == "hf":
+        from core.bridge.hf import check_hf_weights
+
+        check_hf_weights(source.path)
+    elif source.kind == "native":
+        from core.bridge.native import check_native_weights
+
+        check_native_weights(source.path)
+    else:
+        from core.checkpoint.safe_load import read_dcp_metadata, verify_checkpoint
+
+        verify_checkpoint(source.path)
+        if source.meta is not None:
+            _check_checkpoint_shapes(source.path / "model", read_dcp_metadata(source.path / "model"), source)
+
+
+def _check_checkpoint_shapes(model_dir: Path, metadata: Any, source: InitSource) -> None:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from core.transformer.model import GPTModel
+
+    with torch.device("meta"):
+        expected = {name: tuple(p.shape) for name, p in GPTModel(init_config(source)).named_parameters()}
+    stored = metadata.state_dict_metadata
+    for name, want in expected.items():
+        md = stored.get(name)
+        if not isinstance(md, TensorStorageMetadata):
+            raise InputError(f"{model_dir}: no tensor {name}, which the model in its meta.json has")
+        if tuple(md.size) != want:
+            raise InputError(
+                f"{model_dir}: tensor {name} has shape {tuple(md.size)}, but the model in its meta.json makes "
+                f"it {want}"
+            )
 
 
 def init_config(source: InitSource) -> Any:
@@ -200,21 +245,19 @@ def read_prompt_file(
     p = Path(path)
     if not p.is_file():
         raise InputError(f"prompts file not found: {p}")
+    from core.data.datasets import jsonl_lines
+
     rows = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(prompt_key), str) or not row[prompt_key]:
-                raise InputError(f"{where}: expected an object with a non-empty string {prompt_key!r}")
-            row = {**row, "prompt": row[prompt_key]}
-            check_row(row, where)
-            rows.append(row)
+    for where, line in jsonl_lines(p):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get(prompt_key), str) or not row[prompt_key]:
+            raise InputError(f"{where}: expected an object with a non-empty string {prompt_key!r}")
+        row = {**row, "prompt": row[prompt_key]}
+        check_row(row, where)
+        rows.append(row)
     if not rows:
         raise InputError(f"{p}: no prompts (the file is empty)")
     return rows

@@ -19,7 +19,7 @@ from algorithms.alignment_inputs import source_tokenizer
 from algorithms.engine_trainer import PackedLMTrainer
 from algorithms.model_config import SourceModelConfig
 from algorithms.trainer import LoopConfig, check_resume
-from core.config import LoraConfig, RunConfig, Schema
+from core.config import InputPath, LoraConfig, RunConfig, Schema
 from core.errors import InputError
 from core.transformer.model import GPTModel
 
@@ -36,12 +36,12 @@ class SFTSyntheticConfig(Schema):
 
 
 class SFTDataConfig(Schema):
-    path: str | None = Field(
+    path: InputPath | None = Field(
         None,
         description="chat ({messages}) or prompt/completion rows: .jsonl, .parquet "
         "or a save_to_disk directory",
     )
-    eval_path: str | None = Field(None, description="held-out rows, same formats (none: no evaluation)")
+    eval_path: InputPath | None = Field(None, description="held-out rows, same formats (none: no evaluation)")
     synthetic: SFTSyntheticConfig | None = Field(None, description="the embedded arithmetic task as chats")
     seq_len: int = Field(64, ge=2, description="positions per packed training row")
     packing: bool = Field(True, description="pack several examples per row (per-document attention)")

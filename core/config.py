@@ -8,7 +8,7 @@ them (rl/config.py). Defaults live here, once. Keys users and scripts rely on: `
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -23,6 +23,20 @@ class Schema(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputPathMarker:
+    """Marks a config field whose value is a file or directory the run reads (weights, data, tokenizer, a
+    reward model, a plugin). `rl submit` finds every such field (rl/job_files.py) and makes it name the
+    same file inside the Ray job: absolute on a cluster on this machine, shipped with --upload, or refused
+    on a remote cluster when it is relative and outside the upload."""
+
+    def __repr__(self) -> str:
+        return "InputPath"
+
+
+INPUT_PATH = InputPathMarker()
+InputPath = Annotated[str, INPUT_PATH]  # a str field read from disk: `path: InputPath | None = Field(None)`
 
 
 class RunConfig(Schema):
@@ -43,12 +57,39 @@ class TrainConfig(Schema):
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
     save_every: int = Field(0, ge=0, description="0: save only at the end")
     keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
+    async_save: bool = Field(
+        False,
+        description="write checkpoints in a background thread (DCP async_save): a save stalls the step only "
+        "for the copy of the state to CPU memory; a checkpoint counts (COMPLETE, keep_last) once written",
+    )
+    max_bad_steps: int = Field(
+        3,
+        ge=1,
+        description="a step with a non-finite loss or gradient norm is skipped (no update); this many in a "
+        "row stop the run (exit 3), keeping the newest good checkpoint",
+    )
+    loss_spike_factor: float = Field(
+        0.0,
+        ge=0,
+        description="0: off; else a step whose train/loss exceeds this factor times the median of the last "
+        "loss_spike_window losses is a loss spike (logged as train/loss_spike, counted)",
+    )
+    loss_spike_window: int = Field(20, ge=3, description="recent steps whose median loss_spike_factor uses")
+    loss_spike_is_bad: bool = Field(
+        False,
+        description="count a loss spike as a bad step towards max_bad_steps (its update is not undone)",
+    )
     progress_bar: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = Field(
         False,
         description="torch.compile each transformer layer (Inductor: fused norms, RoPE, SwiGLU and their "
         "backward); the first steps pay the compilation",
+    )
+    recompute: Literal["none", "selective", "full"] = Field(
+        "none",
+        description="activation recompute per layer: selective keeps matmul/attention outputs and recomputes "
+        "norms and activations in backward (less memory, a few elementwise kernels); full recomputes the layer",
     )
 
     def grad_accum_steps(self, dp: int) -> int:
@@ -155,6 +196,36 @@ class Placement(Schema):
             bundle["GPU"] = float(self.gpus_per_bundle)
         return bundle
 
+    def bundles_of(self, role: str) -> int:
+        """Bundles of the pool `role` runs on (disaggregated: its own pool, else the policy's)."""
+        if self.mode == "colocated":
+            return self.num_bundles
+        return self.pools.get(role, self.pools.get("policy", 0))
+
+    def check_world(self, role: str, world_size: int, every_bundle_used: bool = False) -> None:
+        """InputError (one line) when `world_size` ranks of one torch.distributed group cannot be laid on
+        the role's pool the way WorkerGroup lays them (rank r on bundle r // (world_size / bundles)):
+        more ranks than bundles must divide evenly, and a GPU bundle holds one rank (NCCL needs a GPU per
+        rank). every_bundle_used: also refuse bundles no rank would use (a group alone on its pool)."""
+        bundles = self.bundles_of(role)
+        where = "placement.num_bundles" if self.mode == "colocated" else f"placement.pools.{role}"
+        ranks = f"parallel.world_size={world_size} ranks (tp x pp x cp x dp)"
+        if world_size > bundles and self.gpus_per_bundle:
+            raise InputError(
+                f"{where}={bundles} GPU bundles for {ranks}: each rank needs a bundle (GPU) of its own; "
+                f"set {where}={world_size}"
+            )
+        if world_size > bundles and world_size % bundles:
+            raise InputError(
+                f"{where}={bundles} bundles for {ranks}: the ranks must divide evenly over the bundles; "
+                f"set {where} to a divisor of {world_size}, or to {world_size}"
+            )
+        if every_bundle_used and world_size < bundles:
+            raise InputError(
+                f"{where}={bundles} bundles for {ranks}: {bundles - world_size} would stay idle; "
+                f"set {where}={world_size}"
+            )
+
 
 class RayOptions(Schema):
     address: str | None = Field(
@@ -169,6 +240,18 @@ class FailureConfig(Schema):
     max_restarts: int = Field(0, ge=0, description="worker failures to recover from (restart + resume)")
     call_timeout_s: float = Field(600.0, gt=0, description="deadline of every worker call")
     restart_timeout_s: float = Field(300.0, gt=0, description="how long a restart may take per group")
+    hang_timeout_s: float | None = Field(
+        300.0,
+        gt=0,
+        description="a rank whose process stops running, or whose training step makes no progress, for this "
+        "long is hung: every rank is killed and the run stops (exit 1) or restarts (max_restarts); null: off",
+    )
+    long_phase_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="the no-progress limit of the legitimately long phases: start-up (data, model build, "
+        "resume), a process's first step (compilation), saves, evaluations, the export",
+    )
 
 
 LoraTarget = Literal["qkv", "proj", "fc1", "fc2"]

@@ -23,6 +23,7 @@ the merged model, `adapters_disabled()` the base model (core/tensor_parallel/lor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from core.transformer.attention import position_ids_from_segments
 from core.transformer.config import TransformerConfig
 from core.transformer.context_parallel import gather_from_cp, split_for_cp
 from core.transformer.model import GPTModel
+from core.transformer.recompute import Recompute
 
 MicroBatch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -168,9 +170,11 @@ class ModelEngine:
         compile_layers: bool = False,
         lora: LoraConfig | None = None,
         lora_seed: int = 0,
+        recompute: Recompute = "none",
     ):
         """lora: train low-rank adapters on a frozen base (lora_seed draws their A factors, the same full
-        values at every layout); None trains every parameter."""
+        values at every layout); None trains every parameter. recompute: activation recompute of every
+        transformer layer (core/transformer/recompute.py)."""
         self.config, self.parallel, self.groups, self.device = config, parallel, groups, device
         if compile_layers:
             check_compile_layout(parallel)
@@ -185,6 +189,8 @@ class ModelEngine:
             chunk.to(device=device, dtype=param_dtype)
             if config.is_moe:
                 chunk.register_forward_hook(self._scale_aux_loss)
+            for layer in chunk.layers.values():
+                layer.recompute = recompute
             if compile_layers:
                 compile_transformer_layers(chunk)
         tied = tied_embedding_weight(self.chunks)  # pp > 1 first/last stage: summed over the pair later
@@ -247,11 +253,13 @@ class ModelEngine:
     def train_step(
         self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn, clip_grad: float
     ) -> StepResult:
-        """Forward/backward over the micro-batches (pipelined), gradient sync, clipping, optimizer step."""
+        """Forward/backward over the micro-batches (pipelined), gradient sync, clipping, optimizer step
+        (skipped on every rank when the step's loss or gradient norm is not finite: see optimizer_step)."""
         per_mb = self.forward_backward(micro_batches, loss_fn)
         self.finalize_grads()
-        grad_norm, metrics = self.optimizer_step(clip_grad)
-        return StepResult(self.reduce_metric(per_mb, "loss_sum"), grad_norm, metrics)
+        loss = self.reduce_metric(per_mb, "loss_sum")
+        grad_norm, metrics = self.optimizer_step(clip_grad, loss)
+        return StepResult(loss, grad_norm, metrics)
 
     def forward_backward(
         self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn
@@ -277,8 +285,15 @@ class ModelEngine:
         """Tied-embedding sum over first/last stage, dp x cp reduction, sequence-parallel tp sum."""
         finalize_model_grads([self.ddp], self.tp_group, embedding_group=self._tied_grad_group)
 
-    def optimizer_step(self, clip_grad: float) -> tuple[float, dict[str, float]]:
-        """(Unscale and skip on overflow,) clip and step; returns the grad norm before clipping and metrics."""
+    def optimizer_step(self, clip_grad: float, loss: float | None = None) -> tuple[float, dict[str, float]]:
+        """(Unscale and skip on overflow,) clip and step; returns the grad norm before clipping and metrics.
+
+        Numerical fault policy (Megatron's check of every step): a non-finite gradient norm, or a non-finite
+        `loss` (the step loss reduced over the world, as reduce_metric gives it), skips the step: no update,
+        no Adam moment change, the gradients dropped; metrics["nonfinite"] = 1 (absent on a good step). The norm is the all-reduced
+        global norm and the loss the all-reduced sum, so every rank takes the same decision. The caller
+        (Trainer.advance) counts such steps and stops the run after train.max_bad_steps in a row.
+        """
         metrics: dict[str, float] = {}
         if self.grad_scaler is not None:
             metrics["loss_scale"] = self.grad_scaler.scale
@@ -287,14 +302,37 @@ class ModelEngine:
             metrics["skipped"] = float(found_inf)
             if found_inf:
                 return float("inf"), metrics
-        grad_norm = self.optimizer.clip_grad_norm_(
-            clip_grad if clip_grad > 0 else 0.0,
-            tp_group=self.tp_group,
-            pp_group=self.groups.pp_group if self.groups else None,
-            ep_group=self.groups.ep_group if self.groups else None,
+        grad_norm = float(
+            self.optimizer.clip_grad_norm_(
+                clip_grad if clip_grad > 0 else 0.0,
+                tp_group=self.tp_group,
+                pp_group=self.groups.pp_group if self.groups else None,
+                ep_group=self.groups.ep_group if self.groups else None,
+            )
         )
+        if not math.isfinite(grad_norm) or (loss is not None and not math.isfinite(loss)):
+            self.optimizer.zero_grad()
+            return grad_norm, metrics | {"nonfinite": 1.0}
         self.optimizer.step()
-        return float(grad_norm), metrics
+        return grad_norm, metrics
+
+    @torch.no_grad()
+    def state_finite(self) -> bool:
+        """True when every parameter, fp32 master and optimizer moment on every rank is finite (collective:
+        one flag reduced over the world, so every rank decides alike). Checked before a checkpoint or an
+        export is written: neither is ever made from non-finite weights."""
+        tensors = [p for chunk in self.chunks for p in chunk.parameters()]
+        for s in self.optimizer.shards:
+            tensors.append(s.master)
+            tensors += [
+                v for k, v in self.optimizer.state[s.master].items() if k != "step" and torch.is_tensor(v)
+            ]
+        flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+        bad = (~torch.stack(flags)).any().to(torch.float32) if flags else torch.zeros((), device=self.device)
+        for group in self._world_groups():
+            if group_size(group) > 1:
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+        return not bool(bad.item())
 
     def owned_main_grads(self) -> list[tuple[str, int, int, torch.Tensor]]:
         """(checkpoint name, lo, hi, gradient) for every range [lo, hi) of a flattened local parameter that

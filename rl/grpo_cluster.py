@@ -78,20 +78,19 @@ class ClusterRun:
     # ---- set-up ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        import ray
-
         from algorithms.grpo import check_for_run
         from core.config import dump_config
-        from rl.cluster import init_ray
+        from rl.cluster import init_run_ray
+        from rl.training import check_ray_layout
 
         cfg = self.cfg
         self.inputs = check_for_run(cfg)  # every input and the layout, before Ray or any worker starts
+        worlds = {role: cfg.parallel.world_size for role in ("policy", "reference") if role in self._roles()}
+        check_ray_layout(cfg.cluster_placement, cfg.ray, worlds)
         run_dir = Path(cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-        self._owns_ray = not ray.is_initialized()
-        r = cfg.cluster_ray
-        init_ray(r.address, r.num_cpus, num_gpus=r.num_gpus, namespace=r.namespace)
+        self._owns_ray = init_run_ray(cfg.cluster_ray, cfg.cluster_placement)  # the job's own cluster, if any
         try:
             self._build_groups(self._place())
             self.parts = self._components()

@@ -10,6 +10,10 @@ here. When the cluster is on this machine (its address is a loopback or local ad
 an absolute path on this machine. On a remote cluster run.dir must be a path the job's node can write
 (shared storage, e.g. NFS/Lustre): a relative one would land in the temporary copy, and we say so.
 
+What the run reads (every config field typed `InputPath`) must name the same file in the job as here:
+rl/job_files.py makes each absolute on a cluster on this machine, keeps, rewrites or refuses it on a remote
+one, and ships --upload inputs with the job.
+
 Token authentication (Ray >= 2.5x, on by default for `ray start --head`): the dashboard answers 401 without
 a token and 403 with a wrong one. The token comes from --auth-token, RAY_AUTH_TOKEN, the file named by
 RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (the same places Ray reads), and is sent as a bearer header; a
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import os
 import shlex
@@ -35,6 +40,15 @@ from urllib.parse import urlparse
 
 from core.errors import InputError
 from rl.config import load_config
+from rl.job_files import (
+    Upload,
+    check_upload_size,
+    parse_uploads,
+    path_overrides,
+    place_inputs,
+    upload_files,
+    working_dir,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # where `ray start --head` serves its dashboard
@@ -70,8 +84,9 @@ class JobSpec:
     entrypoint: str
     runtime_env: dict[str, Any]
     run_dir: str
-    run_dir_note: str
+    notes: list[str]  # lines telling the user where results land and what the inputs became
     metadata: dict[str, str] = field(default_factory=dict)
+    uploads: tuple[Upload, ...] = ()
 
 
 def training_commands() -> list[str]:
@@ -112,6 +127,7 @@ def build_job(
     env: dict[str, str] | None = None,
     python: str | None = None,
     excludes: list[str] | None = None,
+    uploads: list[str] | None = None,
     root: Path = PROJECT_ROOT,
 ) -> JobSpec:
     """Validates the run locally (exactly as the job will load it) and returns what to submit."""
@@ -120,10 +136,14 @@ def build_job(
     cfg = load_config(schema, config, overrides)
     config_in_root = _relative_to_root(Path(config), root)
     job_run_dir, note = place_run_dir(cfg.run.dir, local)
-    if job_run_dir != cfg.run.dir:  # one run.dir override, the resolved one
-        overrides = [o for o in overrides if not o.startswith("run.dir=")] + [f"run.dir={job_run_dir}"]
     excludes = [*EXCLUDES, *(excludes or []), *_run_dir_exclude(job_run_dir, root)]
-    check_upload_size(root, excludes)
+    shipped = upload_files(root, excludes)
+    placed = parse_uploads(uploads or [])
+    check_upload_size(root, excludes, extra=[u.source for u in placed], files=shipped)
+    inputs = place_inputs(cfg, local=local, root=root, shipped=shipped, uploads=placed)
+    changed = {**inputs, **({"run.dir": job_run_dir} if job_run_dir != cfg.run.dir else {})}
+    overrides = [o for o in overrides if o.partition("=")[0].strip() not in changed]
+    overrides += path_overrides(cfg, changed)
     # Local cluster: this interpreter has the project's dependencies; elsewhere the cluster's `python`.
     python = python or (sys.executable if local else "python")
     entrypoint = shlex.join([python, "-m", "rl.cli", command, config_in_root, *overrides])
@@ -133,7 +153,8 @@ def build_job(
         "env_vars": {"PYTHONUNBUFFERED": "1", **(env or {})},  # logs stream as they are written
     }
     metadata = {"rl_command": command, "rl_run_dir": job_run_dir}
-    return JobSpec(command, entrypoint, runtime_env, job_run_dir, note, metadata)
+    notes = [note, *(f"input {key}: {value}" for key, value in inputs.items())]
+    return JobSpec(command, entrypoint, runtime_env, job_run_dir, notes, metadata, tuple(placed))
 
 
 def _relative_to_root(config: Path, root: Path) -> str:
@@ -167,37 +188,6 @@ def _run_dir_exclude(run_dir: str, root: Path) -> list[str]:
         return ["/" + Path(run_dir).resolve().relative_to(root.resolve()).as_posix() + "/"]
     except ValueError:
         return []
-
-
-def check_upload_size(root: Path, excludes: list[str], limit: int | None = None) -> int:
-    """Bytes of the working-directory upload (uncompressed); refuses one over Ray's package limit."""
-    from ray._private.runtime_env import packaging
-
-    limit = packaging.GCS_STORAGE_MAX_SIZE if limit is None else limit
-    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
-    sizes: dict[str, int] = {}
-
-    def add(path: Path) -> None:
-        if path.is_file() and not path.is_symlink():
-            top = path.relative_to(root).parts[0]
-            sizes[top] = sizes.get(top, 0) + path.stat().st_size
-
-    quiet = logging.getLogger("rl.jobs.upload")  # Ray logs every ignore file it honours at INFO
-    quiet.setLevel(logging.WARNING)
-    packaging._dir_travel(root, [packaging._get_excludes(root, excludes)], add, include_gitignore, quiet)
-    total = sum(sizes.values())
-    if total > limit:
-        largest = sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
-        shown = ", ".join(f"{name} {_mib(size)}" for name, size in largest)
-        raise InputError(
-            f"the project directory {root} would upload {_mib(total)}, over Ray's {_mib(limit)} limit for a "
-            f"working_dir (largest: {shown}); leave files out with --exclude PATTERN or a .rayignore file"
-        )
-    return total
-
-
-def _mib(size: int) -> str:
-    return f"{size / 2**20:.1f} MiB"
 
 
 # ---- where it is sent ---------------------------------------------------------------------------
@@ -299,9 +289,12 @@ def submit(
     metadata = {**spec.metadata, **({"job_name": name} if name else {})}
     kwargs = {f"entrypoint_{key}": value for key, value in (resources or {}).items() if value}
     try:
-        return client.submit_job(
-            entrypoint=spec.entrypoint, runtime_env=spec.runtime_env, metadata=metadata, **kwargs
-        )
+        with working_dir(
+            spec.runtime_env, spec.uploads
+        ) as runtime_env:  # Ray packages and uploads it inside submit_job
+            return client.submit_job(
+                entrypoint=spec.entrypoint, runtime_env=runtime_env, metadata=metadata, **kwargs
+            )
     except ValueError as e:  # Ray's own package-size check, should the compressed upload still be too big
         raise InputError(f"cannot upload the project: {str(e).splitlines()[0]}") from None
 
@@ -359,12 +352,58 @@ def describe(info) -> list[str]:
     if meta.get("job_name"):
         lines.append(f"  name: {meta['job_name']}")
     lines.append(f"  entrypoint: {info.entrypoint}")
-    if meta.get("rl_run_dir"):
-        lines.append(f"  run directory: {meta['rl_run_dir']}")
     for label, ms in (("started", info.start_time), ("ended", info.end_time)):
         if ms:
             lines.append(f"  {label}: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ms / 1000))}")
+    if meta.get("rl_run_dir"):
+        lines.append(f"  run directory: {meta['rl_run_dir']}")
+        lines += [f"  {line}" for line in run_progress(meta["rl_run_dir"], meta.get("rl_command"))]
     return lines
+
+
+def run_progress(run_dir: str, command: str | None) -> list[str]:
+    """The run's last logged step and its main metrics (the command's `summary` prefixes: loss or reward,
+    and the last evaluation), read from its metrics.jsonl where this machine can read the run directory."""
+    from rl.training import TRAINING_COMMANDS
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        where = "" if Path(run_dir).is_dir() else " (or the run directory is not readable from here)"
+        return [f"progress: no step logged yet{where}"]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the line a running job is writing
+            pass
+    summary = TRAINING_COMMANDS[command].summary if command in TRAINING_COMMANDS else ("eval/",)
+    train = [p for p in summary if not p.startswith("eval/")]
+    stepped = [r for r in rows if any(k.startswith(tuple(train)) for k in r)] if train else rows
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    lines = []
+    if stepped:
+        last = stepped[-1]
+        of = _max_steps(Path(run_dir))
+        shown = _metrics(last, tuple(train))
+        lines.append(f"last step: {last['step']}{f' of {of}' if of else ''}{f': {shown}' if shown else ''}")
+    if evals:
+        lines.append(f"last eval (step {evals[-1]['step']}): {_metrics(evals[-1], ('eval/',))}")
+    return lines or ["progress: no step logged yet"]
+
+
+def _metrics(row: dict[str, Any], prefixes: tuple[str, ...]) -> str:
+    return " ".join(
+        f"{k}={v:.4g}" for k, v in row.items() if k.startswith(prefixes) and isinstance(v, float | int)
+    )
+
+
+def _max_steps(run_dir: Path) -> int | None:
+    import yaml
+
+    try:
+        return int(yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_steps"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
 
 
 def list_lines(jobs: list) -> list[str]:

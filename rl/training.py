@@ -13,9 +13,12 @@ import importlib
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from core.errors import InputError
+from core.errors import InputError, StorageError
+
+if TYPE_CHECKING:
+    from core.config import Placement, RayOptions
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +156,9 @@ def _cli_run(args: argparse.Namespace) -> int:
     except RunDiverged as e:  # exit 3: the run stopped on its numbers (2: bad input, 1: a failure)
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except StorageError as e:  # exit 1, one line: a checkpoint or export could not be written
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if metrics is None:
         return 1
     shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(command.summary)}
@@ -164,8 +170,14 @@ def run_command(command: TrainingCommand, cfg: Any, resume: str) -> dict[str, fl
     """Check every input, then run: in this process (with failure.max_restarts restarts from the newest
     checkpoint) or on Ray. None when the run stopped on a failure it could not recover from (said on
     stderr). A `run` command checks its inputs itself (once, in the place that builds from them)."""
+    from algorithms.trainer import check_resume_config
+
+    # First: a resume with changed keys must stop before the checks below write anything (pretrain's data).
+    check_resume_config(cfg, command.name)
     if command.run is not None:
         return _load(command.run)(cfg, resume)
+    if cfg.on_ray:
+        check_ray_layout(cfg.placement, cfg.ray, {"trainer": cfg.parallel.world_size}, spmd=command.name)
     _load(command.check)(cfg)
     trainer_cls = _load(command.trainer)
     if cfg.on_ray:
@@ -177,19 +189,73 @@ def run_command(command: TrainingCommand, cfg: Any, resume: str) -> dict[str, fl
             print(f"error: {e}", file=sys.stderr)
             return None
     from algorithms.engine_trainer import run_spmd
+    from core.parallel.launch import RankFailure
 
-    return with_restarts(lambda: run_spmd(trainer_cls, cfg), cfg.failure.max_restarts, resume)
+    try:
+        return with_restarts(lambda: run_spmd(trainer_cls, cfg), cfg.failure.max_restarts, resume)
+    except RankFailure as e:  # a rank died or hung, every rank was killed: one line, exit 1
+        used = cfg.failure.max_restarts
+        why = f" ({used} restart(s) used, failure.max_restarts reached)" if used else ""
+        print(f"error: {e}{why}. To resume: {resume}", file=sys.stderr)
+        return None
+
+
+def check_ray_layout(
+    placement: Placement | None, options: RayOptions | None, worlds: dict[str, int], spmd: str | None = None
+) -> None:
+    """InputError (one line) before Ray starts or anything is written, when the placement cannot hold the
+    run: a torch.distributed group (role -> ranks) that does not fit its pool (Placement.check_world), or,
+    when the run would start a local Ray cluster, a placement this machine cannot hold (its CPUs; its GPUs:
+    gpus_per_bundle=1 on a machine without one). spmd: the SPMD loop's name (one worker group on a
+    colocated pool, every bundle used). Whether an existing cluster holds the placement is checked once
+    attached (rl/cluster/ray_utils.py: init_run_ray)."""
+    import os
+
+    from core.config import RayOptions
+
+    if spmd is not None and (placement is None or placement.mode != "colocated"):
+        raise InputError(
+            f"placement.mode={placement.mode if placement else None}: rl {spmd} runs one worker group "
+            "(placement.mode=colocated, placement.num_bundles bundles)"
+        )
+    for role, world_size in worlds.items():
+        placement.check_world(role, world_size, every_bundle_used=spmd is not None)
+    import ray
+
+    from rl.cluster.placement import placement_shortage
+    from rl.cluster.ray_utils import run_cluster_address
+
+    options = options or RayOptions()
+    if ray.is_initialized() or run_cluster_address(options.address) is not None:
+        return
+    import torch
+
+    gpus = options.num_gpus if options.num_gpus is not None else torch.cuda.device_count()
+    local = {"CPU": float(options.num_cpus or os.cpu_count() or 1), "GPU": float(gpus)}
+    shortage = placement_shortage(placement, local, [local])
+    if shortage:
+        raise InputError(
+            f"no ray.address, so this run would start a Ray cluster on this machine, and {shortage}: use fewer "
+            "or smaller bundles (placement.*, parallel.*), ray.num_cpus, or ray.address of a larger cluster"
+        )
 
 
 def with_restarts(run: Any, max_restarts: int, resume: str) -> Any:
-    """run(); on a crash (not bad input), up to max_restarts more times: each resumes from the newest
-    complete checkpoint (checkpoints are atomic, so a crash never leaves a half-written one)."""
-    from algorithms.trainer import RunDiverged
+    """run(); on a crash or a hang (not bad input, a diverged run or a storage failure), up to max_restarts
+    more times: each resumes from the newest complete checkpoint (checkpoints are atomic, so a crash never
+    leaves a half-written one). Each attempt runs with TANDEM_RESTART_COUNT=attempt in the environment the
+    ranks it spawns inherit (see core/parallel/heartbeat.py)."""
+    import os
 
+    from algorithms.trainer import RunDiverged
+    from core.parallel.heartbeat import RESTART_ENV
+
+    before = os.environ.get(RESTART_ENV)
     for attempt in range(max_restarts + 1):
+        os.environ[RESTART_ENV] = str(attempt)
         try:
             return run()
-        except (InputError, KeyboardInterrupt, RunDiverged):
+        except (InputError, KeyboardInterrupt, RunDiverged, StorageError):
             raise
         except Exception as e:
             if attempt == max_restarts:
@@ -197,4 +263,9 @@ def with_restarts(run: Any, max_restarts: int, resume: str) -> Any:
             logger.warning(
                 "run failed (%s); restart %d of %d from the newest checkpoint", e, attempt + 1, max_restarts
             )
+        finally:
+            if before is None:
+                os.environ.pop(RESTART_ENV, None)
+            else:
+                os.environ[RESTART_ENV] = before
     raise AssertionError("unreachable")

@@ -135,6 +135,7 @@ def run_distributed(
             _wait(procs, out, timeout)
         finally:
             _stop(procs)
+        # weights_only=False: the ranks' own results (any object), from this call's private temp directory
         return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 

@@ -67,6 +67,7 @@ def test_bad_yaml_names_file_and_line(tmp_path):
         load_config(PretrainConfig, tmp_path / "missing.yaml")
 
 
+@pytest.mark.slow
 def test_cli_exits_2_with_one_line_before_any_work(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [

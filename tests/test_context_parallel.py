@@ -26,6 +26,8 @@ from core.transformer.config import TransformerConfig
 from core.transformer.context_parallel import cp_positions, gather_from_cp, split_for_cp
 from core.transformer.model import GPTModel
 
+pytestmark = pytest.mark.slow  # every test runs on the 2-rank cp world
+
 B, T = 2, 16  # T divisible by 2 * cp = 4
 
 

@@ -42,6 +42,8 @@ from core.transformer import moe
 from core.transformer.model import GPTModel
 from core.transformer.token_dispatch import DispatchPlan
 
+pytestmark = pytest.mark.slow  # every test runs on spawned ep worlds
+
 CONFIG = replace(preset("mixtral_tiny"), moe_aux_loss_coeff=0.1)  # a weight the router gradients feel
 B, T, LR = 2, 8, 1e-2  # per data shard: B sequences of T tokens
 SKEW = 5.0  # uneven case: size of the two embedding features that steer the routers ...

@@ -191,6 +191,7 @@ def _train_losses(fp8: str, device: str, steps: int = 20) -> list[float]:
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_tiny_gpt_trains_in_fp8_like_bf16(device, allow_fp8_here):
     """20 AdamW steps on one fixed batch: the fp8 model's loss falls, by within 10% of the bf16 model's

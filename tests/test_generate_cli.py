@@ -16,6 +16,8 @@ import pytest
 import torch
 from hf_tiny_gen import build_tiny_llama
 
+pytestmark = pytest.mark.slow  # every test runs `rl generate` in a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 10
 

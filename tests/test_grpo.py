@@ -287,6 +287,7 @@ def test_one_step_climbs_the_surrogate_objective(pretrained):
     assert change.sum(-1)[negative].mean() < 0
 
 
+@pytest.mark.slow
 def test_train_compile_compiles_the_policy_layers(pretrained):
     """train.compile=true reaches the policy's ModelEngine: its layers run compiled (Dynamo makes graphs) and
     give the eager policy's logprobs (fp32, within 1e-5)."""

@@ -7,8 +7,10 @@ token, 403 with a wrong one)."""
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -17,13 +19,21 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import get_args
 
 import pytest
+import torch
+from ray.util.state import list_actors
 
+from algorithms.rl_inputs import load_init, resolve_init
+from core.checkpoint.checkpointer import latest_checkpoint
+from core.config import INPUT_PATH
 from core.utils.metrics import read_metrics
-from rl import jobs
+from rl import job_files, jobs
 from rl.cli import build_parser, main
+from rl.training import training_commands
 
 pytestmark = pytest.mark.slow
 
@@ -163,6 +173,17 @@ def rl(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def logged(run_dir: Path) -> list[dict]:
+    """metrics.jsonl rows, less a line a stopped job was writing."""
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
 def job_ids(capsys, address: str) -> list[str]:
     code, out, err = rl(capsys, "job", "list", "--address", address)
     assert code == 0, err
@@ -172,44 +193,159 @@ def job_ids(capsys, address: str) -> list[str]:
 # ---- against the clusters -------------------------------------------------------------------------
 
 
-def test_submit_tiny_pretrain_runs_to_completion(head, capsys, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)  # a relative run.dir lands here, as `rl pretrain` would put it
-    code, out, err = rl(
-        capsys, "submit", "--address", head.address, "--name", "tiny", "pretrain", TINY_CONFIG, *TINY,
-        "train.max_steps=6", "run.dir=tiny_run",
-    )  # fmt: skip
+GRPO_TINY = [  # two GRPO steps of 4 prompts x 4 samples, each one optimizer step over both dp ranks
+    "train.max_steps=2",
+    "train.global_batch_size=16",
+    "train.micro_batch_size=8",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.save_every=0",
+    "train.progress_bar=false",
+    "data.synthetic.n_train=64",
+    "data.synthetic.n_eval=8",
+    "rollout.prompts_per_step=4",
+    "rollout.n=4",
+    "rollout.max_tokens=4",
+    "eval.num_prompts=4",
+    "eval.samples=0",
+]
+RAY_PLACEMENT = ["placement.mode=colocated", "placement.num_bundles=2", "parallel.dp=2"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(head, tmp_path_factory):
+    """`rl submit pretrain` from a fresh directory, as a user would start: (its directory, exit code,
+    stdout, stderr). The run lands in runs/pretrain_tiny there (a relative run.dir, made absolute)."""
+    cwd = tmp_path_factory.mktemp("user")
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, redirect_stdout(out), redirect_stderr(err):
+        for key in AUTH_ENV:
+            mp.delenv(key, raising=False)
+        mp.chdir(cwd)
+        code = main(
+            ["submit", "--address", head.address, "--name", "tiny", "pretrain", TINY_CONFIG, *TINY,
+             "train.max_steps=6", "run.dir=runs/pretrain_tiny"]
+        )  # fmt: skip
+    return cwd, code, out.getvalue(), err.getvalue()
+
+
+def test_pretrain_then_grpo_from_its_checkpoint(head, pretrained, capsys, monkeypatch):
+    """The sequence the README shows: both jobs SUCCEED, GRPO starting from a checkpoint named by a path
+    relative to the user's directory, its worker group placed on the job's own cluster."""
+    cwd, code, out, err = pretrained
     assert code == 0, err + out[-3000:]
     job_id = out.splitlines()[0]
-    run_dir = tmp_path / "tiny_run"
+    run_dir = cwd / "runs/pretrain_tiny"
     assert f"run directory: {run_dir} (on this machine: the cluster is local)" in err
     assert "loss=" in out  # the training's own progress output, streamed while it ran
     assert f"job {job_id} SUCCEEDED" in err
-
     assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == list(range(1, 7))
     assert (run_dir / "checkpoints/step_6").is_dir() and (run_dir / "hf/config.json").is_file()
 
     code, out, _ = rl(capsys, "job", "status", job_id, "--address", head.address)
     assert code == 0 and f"{job_id}: SUCCEEDED" in out and f"run directory: {run_dir}" in out
+    rows = read_metrics(run_dir)
+    loss = [r["train/loss"] for r in rows if "train/loss" in r][-1]
+    accuracy = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r][-1]
+    assert f"last step: 6 of 6: train/loss={loss:.4g}" in out
+    assert "last eval (step 6): eval/loss=" in out and f"eval/accuracy={accuracy:.4g}" in out
     code, out, _ = rl(capsys, "job", "logs", job_id, "--address", head.address)
     assert code == 0 and "loss=" in out
 
-
-def test_stop_a_running_job(head, capsys, tmp_path):
+    monkeypatch.chdir(cwd)
     code, out, err = rl(
-        capsys, "submit", "--no-wait", "--address", head.address, "pretrain", TINY_CONFIG, *TINY,
-        "train.max_steps=100000", f"run.dir={tmp_path / 'long'}",
+        capsys, "submit", "--address", head.address, "grpo", str(ROOT / "configs/grpo_tiny.yaml"), *GRPO_TINY,
+        *RAY_PLACEMENT, "model.init_from=runs/pretrain_tiny/checkpoints/step_6",
     )  # fmt: skip
+    assert code == 0, err + out[-3000:]
+    grpo_id, grpo_dir = out.splitlines()[0], cwd / "runs/grpo_tiny"
+    assert f"input model.init_from: {run_dir / 'checkpoints/step_6'}" in err
+    assert f"job {grpo_id} SUCCEEDED" in err
+    rows = read_metrics(grpo_dir)
+    assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2] and "eval/accuracy" in rows[-1]
+    assert (grpo_dir / "hf/config.json").is_file() and (grpo_dir / "checkpoints/step_2").is_dir()
+    # its policy workers ran in this cluster, under this job (no nested local Ray)
+    ray_job = jobs.job_info(jobs.connect(head.address), grpo_id).job_id
+    actors = list_actors(address=head.address, filters=[("job_id", "=", ray_job)], limit=100)
+    assert sorted(a.class_name for a in actors if "PolicyWorker" in a.class_name) == ["PolicyWorker"] * 2
+
+
+def test_upload_ships_an_input_with_the_job(head, pretrained, capsys, monkeypatch, tmp_path):
+    """--upload: a prompt/completion file the job reads from its own working directory (the key naming it
+    points there), whatever the cluster (the same spec works on a remote one)."""
+    cwd, code, _, _ = pretrained
+    assert code == 0
+    monkeypatch.chdir(tmp_path)
+    rows = [{"prompt": f"{a}+{a}=", "completion": str(2 * a)} for a in range(10, 90)]
+    Path("sums.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code, out, err = rl(
+        capsys, "submit", "--address", head.address, "--upload", "sums.jsonl", "sft",
+        str(ROOT / "configs/sft_tiny.yaml"), "data.synthetic=null", "data.path=sums.jsonl",
+        f"model.init_from={cwd / 'runs/pretrain_tiny/checkpoints/step_6'}", "run.dir=sft", "train.max_steps=2",
+        "data.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=8", "train.log_every=1",
+        "train.progress_bar=false",
+    )  # fmt: skip
+    assert code == 0, err + out[-3000:]
+    assert "input data.path: _uploads/sums.jsonl" in err
+    assert "data:\n  path: _uploads/sums.jsonl" in (tmp_path / "sft/config.yaml").read_text()
+    assert [r["step"] for r in read_metrics(tmp_path / "sft") if "train/loss" in r] == [1, 2]
+
+
+def test_stopped_job_keeps_a_loadable_checkpoint_and_a_resubmit_resumes(head, capsys, tmp_path):
+    run_dir = tmp_path / "long"
+    argv = ["pretrain", TINY_CONFIG, *TINY, "train.save_every=2", f"run.dir={run_dir}"]
+    code, out, err = rl(
+        capsys, "submit", "--no-wait", "--address", head.address, *argv, "train.max_steps=100000"
+    )
     assert code == 0, err
     job_id = out.strip()
     client = jobs.connect(head.address)
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while (status := jobs.job_info(client, job_id).status.value) == "PENDING":
+    while latest_checkpoint(run_dir / "checkpoints") is None:
+        assert jobs.job_info(client, job_id).status.value in ("PENDING", "RUNNING")
         assert time.monotonic() < deadline
         time.sleep(0.5)
-    assert status == "RUNNING"
     code, out, err = rl(capsys, "job", "stop", job_id, "--address", head.address)
     assert code == 0 and out.strip() == f"{job_id}: STOPPED", err
-    assert jobs.job_info(client, job_id).status.value == "STOPPED"
+
+    newest = latest_checkpoint(run_dir / "checkpoints")  # stopped mid-run: the newest complete one loads
+    step = int(newest.name.removeprefix("step_"))
+    model, _ = load_init(resolve_init(str(newest)))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    before = [r for r in logged(run_dir) if r["step"] <= step]
+
+    code, out, err = rl(
+        capsys, "submit", "--no-wait", "--address", head.address, *argv, f"train.max_steps={step + 2}"
+    )
+    assert code == 0, err
+    resumed_id = out.strip()
+    code, out, _ = rl(capsys, "job", "logs", resumed_id, "--follow", "--address", head.address)
+    assert (
+        code == 0 and jobs.job_info(client, resumed_id).status.value == "SUCCEEDED"
+    )  # --follow ran to its end
+    rows = read_metrics(run_dir)
+    # resumed, not restarted: the stopped job's rows stay as logged (a fresh run rewrites them, new timings)
+    assert [r for r in rows if r["step"] <= step] == before
+    assert [r["step"] for r in rows if "train/loss" in r and r["step"] > step] == [step + 1, step + 2]
+    assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{step + 2}"
+
+
+def test_a_placement_the_cluster_cannot_hold_stops_before_any_worker(head, capsys, tmp_path):
+    code, out, err = rl(
+        capsys, "submit", "--address", head.address, "pretrain", TINY_CONFIG, *TINY, "train.max_steps=2",
+        f"run.dir={tmp_path / 'gpus'}", *RAY_PLACEMENT, "train.micro_batch_size=4", "placement.gpus_per_bundle=1",
+    )  # fmt: skip
+    assert code == 1
+    job_id = out.splitlines()[0]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: the placement needs 2 x {CPU: 1, GPU: 1} = {CPU: 2, GPU: 2} but the Ray cluster has "
+        "{CPU: 2, GPU: 0} in all (missing {GPU: 2}): use fewer or smaller bundles (placement.num_bundles / "
+        "pools, gpus_per_bundle, cpus_per_bundle, parallel.*) or a larger cluster"
+    ], out[-3000:]
+    info = jobs.job_info(jobs.connect(head.address), job_id)
+    assert info.status.value == "FAILED" and info.job_id  # it had attached to the cluster, then stopped
+    assert list_actors(address=head.address, filters=[("job_id", "=", info.job_id)]) == []
 
 
 def test_bad_input_sends_nothing(head, capsys):
@@ -336,7 +472,7 @@ def test_every_command_has_help(argv, capsys):
 RAY_OVERRIDES = ["placement.mode=colocated", "placement.num_bundles=2", "parallel.dp=2"]
 
 
-@pytest.mark.parametrize("command", ["pretrain", "sft", "dpo", "rm", "grpo"])
+@pytest.mark.parametrize("command", training_commands())
 @pytest.mark.parametrize("ray", [False, True], ids=["in_process", "ray"])
 def test_submit_accepts_every_config_its_command_accepts(command, ray, monkeypatch, tmp_path):
     """One schema per loop: whatever `rl COMMAND` loads (a Ray placement included), `rl submit` sends;
@@ -356,9 +492,150 @@ def test_submit_accepts_every_config_its_command_accepts(command, ray, monkeypat
         jobs.build_job(command, config, ["placement.bundles=2"], local=True)
 
 
-@pytest.mark.parametrize("command", ["pretrain", "sft", "dpo", "rm", "grpo"])
+@pytest.mark.parametrize("command", training_commands())
 def test_every_training_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as done:
         build_parser().parse_args([command, "--help"])
     out = capsys.readouterr().out
     assert done.value.code == 0 and f"usage: rl {command}" in out and "placement" in out
+
+
+# ---- input paths, placement checks, progress: no cluster -------------------------------------------
+
+PATHLIKE = {"path", "eval_path", "init_from", "tokenizer", "teacher", "plugin", "plugins"}
+
+
+@pytest.mark.parametrize("command", training_commands())
+def test_every_path_field_of_every_command_is_an_input_path(command):
+    """A field named like a path must be typed InputPath, or `rl submit` would send it as is (the bug of
+    issue 17: a relative model.init_from not found inside the job)."""
+    from pydantic import BaseModel
+
+    from rl.training import TRAINING_COMMANDS
+
+    def models(annotation):
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield annotation
+        for arg in get_args(annotation):
+            yield from models(arg)
+
+    unmarked, seen, todo = [], set(), [TRAINING_COMMANDS[command].load_schema()]
+    while todo:
+        schema = todo.pop()
+        seen.add(schema)
+        for name, info in schema.model_fields.items():
+            if (
+                name in PATHLIKE
+                and INPUT_PATH not in info.metadata
+                and not job_files._marked(info.annotation)
+            ):
+                unmarked.append(f"{schema.__name__}.{name}")
+            todo += [m for m in models(info.annotation) if m not in seen]
+    assert unmarked == []
+
+
+def test_inputs_mean_the_same_in_the_job(monkeypatch, tmp_path):
+    """Local cluster: every input made absolute. Remote: absolute kept (shared storage), relative inside the
+    upload made relative to the project, relative outside it refused naming the key; --upload rewrites."""
+    monkeypatch.chdir(tmp_path)
+    grpo = str(ROOT / "configs/grpo_tiny.yaml")
+    Path("prompts.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    prompts = ["data.synthetic=null", "data.path=prompts.jsonl", "data.eval_path=prompts.jsonl"]
+    spec = jobs.build_job("grpo", grpo, prompts, local=True)
+    args = shlex.split(spec.entrypoint)
+    for key, value in (
+        ("model.init_from", tmp_path / "runs/pretrain_tiny/checkpoints/step_400"),
+        ("data.path", tmp_path / "prompts.jsonl"),
+        ("data.eval_path", tmp_path / "prompts.jsonl"),
+    ):
+        assert args.count(f"{key}={value}") == 1 and f"input {key}: {value}" in spec.notes
+    assert "data.path=prompts.jsonl" not in args  # replaced, not repeated
+    assert args[-1] == f"run.dir={tmp_path / 'runs/grpo_tiny'}"
+
+    with pytest.raises(jobs.InputError) as refused:
+        jobs.build_job("grpo", grpo, [*prompts, "run.dir=/shared/grpo"], local=False)
+    message = str(refused.value)
+    assert message.startswith("model.init_from=runs/pretrain_tiny/checkpoints/step_400 is a relative path ")
+    assert "shared storage" in message and "\n" not in message
+
+    monkeypatch.chdir(ROOT)  # inside the project: configs/ is uploaded, runs/ is not
+    remote = ["model.init_from=/shared/pretrain", "run.dir=/shared/grpo"]
+    spec = jobs.build_job("grpo", grpo, [*remote, "model.tokenizer=configs"], local=False)
+    assert spec.notes[1:] == []  # nothing to change: absolute, or relative to the project as in the job
+    monkeypatch.chdir(ROOT / "configs")  # the same folder named from elsewhere: relative to the project
+    spec = jobs.build_job("grpo", grpo, [*remote, "model.tokenizer=."], local=False)
+    assert "model.tokenizer=configs" in shlex.split(spec.entrypoint) and "/shared/pretrain" in spec.entrypoint
+    with pytest.raises(
+        jobs.InputError, match=r"^model.tokenizer=../runs is a relative path outside the upload"
+    ):
+        jobs.build_job("grpo", grpo, [*remote, "model.tokenizer=../runs"], local=False)
+
+    monkeypatch.chdir(tmp_path)
+    for local in (True, False):
+        spec = jobs.build_job("grpo", grpo, [*prompts, *remote], local=local, uploads=["prompts.jsonl"])
+        args = shlex.split(spec.entrypoint)
+        assert "data.path=_uploads/prompts.jsonl" in args and "data.eval_path=_uploads/prompts.jsonl" in args
+        with job_files.working_dir(spec.runtime_env, spec.uploads) as runtime_env:
+            staged = Path(runtime_env["working_dir"])
+            assert (staged / "_uploads/prompts.jsonl").read_text() == Path("prompts.jsonl").read_text()
+            assert (staged / "configs/grpo_tiny.yaml").is_file() and not (staged / ".venv").exists()
+        assert not staged.exists()
+    with pytest.raises(jobs.InputError, match="--upload nothing.jsonl: no such file"):
+        jobs.build_job("grpo", grpo, prompts, local=True, uploads=["nothing.jsonl"])
+
+
+def test_list_inputs_are_rewritten_whole(tmp_path, monkeypatch):
+    from algorithms.pretrain import PretrainConfig
+    from rl.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    overrides = [
+        "data.synthetic=null",
+        "data.tokenizer=tok",
+        "data.datasets=[{path: a/b, weight: 2}, {path: /c}]",
+    ]
+    spec = jobs.build_job("pretrain", TINY_CONFIG, overrides, local=True)
+    cfg = load_config(PretrainConfig, TINY_CONFIG, shlex.split(spec.entrypoint)[5:])
+    assert [(d.path, d.weight) for d in cfg.data.datasets] == [(str(tmp_path / "a/b"), 2.0), ("/c", 1.0)]
+    assert cfg.data.tokenizer == str(tmp_path / "tok")
+
+
+def test_placement_shortage():
+    from core.config import Placement
+    from rl.cluster.placement import placement_shortage
+
+    node = {"CPU": 8.0, "GPU": 4.0}
+    assert (
+        placement_shortage(Placement(num_bundles=8, gpus_per_bundle=1), {"CPU": 16, "GPU": 8}, [node, node])
+        is None
+    )
+    assert placement_shortage(Placement(num_bundles=2, gpus_per_bundle=1), {"CPU": 8}, [{"CPU": 8}]) == (
+        "the placement needs 2 x {CPU: 1, GPU: 1} = {CPU: 2, GPU: 2} but the Ray cluster has {CPU: 8, GPU: 0} "
+        "in all (missing {GPU: 2})"
+    )
+    pools = Placement(mode="disaggregated", pools={"policy": 6, "generation": 4}, gpus_per_bundle=1)
+    assert "needs 10 x" in placement_shortage(pools, {"CPU": 16, "GPU": 8}, [node, node])
+    assert "no node of the Ray cluster fits one bundle {CPU: 9}" in placement_shortage(
+        Placement(cpus_per_bundle=9), {"CPU": 16}, [{"CPU": 8}, {"CPU": 8}]
+    )
+    packed = Placement(num_bundles=6, gpus_per_bundle=1, strategy="STRICT_PACK")
+    assert "on one node (STRICT_PACK)" in placement_shortage(packed, {"CPU": 16, "GPU": 8}, [node, node])
+
+
+def test_status_shows_the_last_step_and_main_metrics(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert jobs.run_progress(str(tmp_path / "elsewhere"), "grpo") == [
+        "progress: no step logged yet (or the run directory is not readable from here)"
+    ]
+    (run / "config.yaml").write_text("train:\n  max_steps: 40\n")
+    rows = [
+        {"step": 0, "eval/accuracy": 0.5, "eval/reward": 0.5},
+        {"step": 1, "reward/mean": 0.25, "reward/accuracy": 0.25, "train/loss": 0.1, "perf/x": 3.0},
+        {"step": 2, "reward/mean": 0.375, "reward/accuracy": 0.375, "train/loss": 0.2},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "rew')
+    assert jobs.run_progress(str(run), "grpo") == [
+        "last step: 2 of 40: reward/mean=0.375 reward/accuracy=0.375",
+        "last eval (step 0): eval/accuracy=0.5 eval/reward=0.5",
+    ]

@@ -171,6 +171,7 @@ def tp_world() -> list[dict[str, dict[str, torch.Tensor]]]:
     return run_distributed(_tp_world, 2, timeout=180)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(TP_CASES))
 def test_tensor_parallel_matches_single_process(case, tp_world):
     config = preset(TP_CASES[case]["preset"])

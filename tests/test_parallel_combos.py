@@ -56,6 +56,8 @@ from core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from core.transformer.config import TransformerConfig
 from core.transformer.model import GPTModel
 
+pytestmark = pytest.mark.slow  # every test runs on the spawned 8-rank world
+
 WORLD = 4
 STEPS = 3
 MICRO_BATCHES, B, T = 8, 2, 16  # global micro-batches per step; T divisible by 2 * cp

@@ -149,10 +149,42 @@ def test_bad_model_layouts_say_what_to_change(layout: dict[str, int], model: _Mo
     assert message in str(err.value)
 
 
-def test_good_model_layout_passes() -> None:
-    validate_model_layout(
-        ParallelDims(tp=2, ep=2, pp=2, world_size=8), _Model(num_experts=4, virtual_pipeline_size=2)
-    )
+def test_good_model_layout_passes_and_one_step_past_each_limit_does_not() -> None:
+    model = _Model(num_experts=4, virtual_pipeline_size=2)
+    assert validate_model_layout(ParallelDims(tp=2, ep=2, pp=2, world_size=8), model) is None
+    past = {
+        "tp": dict(tp=4, ep=2, pp=2, world_size=16),  # num_kv_heads=2
+        "pp": dict(tp=2, ep=2, pp=4, world_size=16),  # 4 layers over pp=4 x vpp=2
+        "ep": dict(tp=2, ep=8, pp=2, world_size=32),  # 4 experts over ep=8
+    }
+    for axis, layout in past.items():
+        with pytest.raises(InputError, match=f"parallel.{axis}={layout[axis]}"):
+            validate_model_layout(ParallelDims(**layout), model)
+
+
+@pytest.mark.parametrize(
+    "axis, layout, model",
+    [
+        ("tp", dict(tp=4, world_size=4), _Model()),
+        ("tp", dict(tp=2, world_size=2), _Model(vocab_size=63)),
+        ("pp", dict(pp=3, world_size=3), _Model()),
+        ("ep", dict(ep=4, world_size=4), _Model(num_experts=6)),
+    ],
+)
+def test_every_layout_an_error_suggests_is_accepted(axis: str, layout: dict[str, int], model: _Model) -> None:
+    """'use tp in {1,2}': each value offered is a layout the model accepts (ep is carved out of the same
+    world; tp and pp change its size)."""
+    import re
+
+    with pytest.raises(InputError) as err:
+        validate_model_layout(ParallelDims(**layout), model)
+    offered = re.search(rf"use {axis} in {{([\d,]+)}}", str(err.value))
+    assert offered, str(err.value)
+    for value in map(int, offered.group(1).split(",")):
+        world = layout["world_size"] if axis == "ep" else layout["world_size"] // layout[axis] * value
+        assert (
+            validate_model_layout(ParallelDims(**{**layout, axis: value, "world_size": world}), model) is None
+        )
 
 
 # ---- real process groups on one 4-rank world ------------------------------------------------------------

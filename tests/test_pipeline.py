@@ -378,22 +378,26 @@ def test_no_pipelining_schedule_equals_a_plain_loop(moe: bool) -> None:
         torch.testing.assert_close(grad, want_grads[name], atol=0, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_pp2_loss_and_every_gradient_match_single_process(pp2, case: str) -> None:
     _check_parity(pp2, case)
 
 
+@pytest.mark.slow
 def test_ddp_wrapped_chunks_match_single_process_in_main_grad(pp2) -> None:
     """The schedule unwraps DDP chunks; the tied reduction works on main_grad."""
     world = [r | {"parity": {"interleaved_tied": r["ddp"]}} for r in pp2]
     _check_parity(world, "interleaved_tied")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", TP_CASES)
 def test_pp2_tp2_loss_and_every_gradient_match_single_process(pp2_tp2, case: str) -> None:
     _check_parity(pp2_tp2, case)
 
 
+@pytest.mark.slow
 def test_moe_aux_loss_reaches_routers_on_both_stages(pp2) -> None:
     """The aux loss alone changes the router gradients (so the parity above covers its backward)."""
     _, with_aux = _reference(tied=False, moe=True)
@@ -410,6 +414,7 @@ def test_moe_aux_loss_reaches_routers_on_both_stages(pp2) -> None:
         assert (with_aux[name] - no_aux[name]).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vpp", [1, 2])
 def test_ddp_hooks_run_no_sync_for_all_but_the_last_backward_of_each_chunk(pp2, vpp: int) -> None:
     case = "interleaved_untied" if vpp > 1 else "1f1b_untied"
@@ -421,6 +426,7 @@ def test_ddp_hooks_run_no_sync_for_all_but_the_last_backward_of_each_chunk(pp2, 
             assert mine == ["no_sync"] * (n - 1) + ["last"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vpp", [1, 2])
 def test_forward_only_returns_the_reference_losses_without_grads(pp2, vpp: int) -> None:
     want, _ = _reference(tied=True, moe=False)
@@ -431,6 +437,7 @@ def test_forward_only_returns_the_reference_losses_without_grads(pp2, vpp: int) 
     assert not any(s["forward_only"][vpp]["any_grad"] for s in stages.values())
 
 
+@pytest.mark.slow
 def test_adamw_steps_keep_the_loss_curve_and_the_tied_copies_equal(pp2) -> None:
     model, mbs = _full_model(_config(True)), _micro_batches()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -448,12 +455,14 @@ def test_adamw_steps_keep_the_loss_curve_and_the_tied_copies_equal(pp2) -> None:
     torch.testing.assert_close(last, model.output_layer.weight.detach(), **TOL)
 
 
+@pytest.mark.slow
 def test_tied_head_is_broadcast_from_the_first_stage_at_init(pp2) -> None:
     stages = _by_stage(pp2)
     first, last = stages[0]["init_broadcast"], stages[max(stages)]["init_broadcast"]
     torch.testing.assert_close(first, last, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_schedule_errors_are_raised_on_every_rank(pp2) -> None:
     for rank in pp2:
         assert "multiple of pp_size (2)" in rank["errors"]["indivisible"]

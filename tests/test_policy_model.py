@@ -173,6 +173,7 @@ def test_save_and_load_resume_the_step_exactly(hf_dir: Path, tmp_path: Path) -> 
         assert torch.equal(w, full_weights(second)[name]), name
 
 
+@pytest.mark.slow
 def test_compiled_layers_give_eager_logprobs_and_step(hf_dir: Path) -> None:
     """compile_layers=True (every transformer layer through Inductor) gives the eager model's logprobs, and
     after one train step on the same batch the same logprobs again. fp32: Inductor fuses and reorders

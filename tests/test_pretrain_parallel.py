@@ -72,6 +72,7 @@ def assert_same_curve(got: list[tuple[int, float]], want: list[tuple[int, float]
         assert abs(a - b) < TOL, f"step {step}: {a} vs single-process {b}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout",
     [
@@ -91,6 +92,7 @@ def test_layout_matches_single_process(tmp_path, reference, layout):
     assert (run_dir / "hf" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_resume_at_another_layout(tmp_path, reference):
     """Saved at tp2 after 2 steps, resumed at dp2 (resharded checkpoint): steps 3-4 equal the reference."""
     run_dir = tmp_path / "run"
@@ -99,6 +101,7 @@ def test_resume_at_another_layout(tmp_path, reference):
     assert_same_curve(curve(run_dir), curve(reference))
 
 
+@pytest.mark.slow
 def test_impossible_layout_exits_2(tmp_path):
     cmd = [
         sys.executable,

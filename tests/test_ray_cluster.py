@@ -303,7 +303,6 @@ def test_killed_rank_fails_fast_and_restart_recovers(reference: WorkerGroup) -> 
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_nccl_groups_colocated_on_gpu_bundles(ray_cluster) -> None:
     gpus = torch.cuda.device_count()
     placement = Placement(num_bundles=gpus, gpus_per_bundle=1, cpus_per_bundle=1, strategy="STRICT_PACK")

@@ -268,6 +268,7 @@ def _training_world(
     return stats
 
 
+@pytest.mark.slow
 def test_tp2_training_world_refits_an_engine_process_over_a_group_then_shared_memory(tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -312,8 +313,8 @@ def _cuda_ipc_receiver(address: SharedMemoryAddress, out_path: str) -> None:
     receiver.close()
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_ipc_slots_deliver_bitwise(tmp_path) -> None:
     sender = SharedMemorySender(slot_bytes=4096, bucket_bytes=16 << 10, device="cuda")
     proc = mp.get_context("spawn").Process(
@@ -339,8 +340,8 @@ def _nccl_receiver(address: GroupAddress, out_path: str) -> None:
     receiver.close()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (one NCCL rank each)")
+@pytest.mark.slow
+@pytest.mark.gpu(2)  # one NCCL rank per device
 def test_nccl_group_delivers_bitwise(tmp_path) -> None:
     torch.cuda.set_device(0)
     sender = ProcessGroupSender(backend="nccl", bucket_bytes=16 << 10, timeout=TIMEOUT)

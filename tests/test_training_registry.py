@@ -61,9 +61,9 @@ SMALL = [
 
 
 def test_a_diverging_run_stops_before_saving_and_keeps_its_good_checkpoints(tmp_path, capsys):
-    """lr=1e3: within a few steps the update is inf/nan; the run stops with one line (exit 3) naming the
-    newest good checkpoint, which stays on disk, finite, and nothing of the diverged state is written (no
-    checkpoint of that step, no hf/)."""
+    """lr=1e3: within a few steps the update is inf/nan; such steps are skipped, and train.max_bad_steps (3)
+    of them in a row stop the run with one line (exit 3) naming the newest good checkpoint, which stays on
+    disk, finite, and nothing of the diverged state is written (no checkpoint of those steps, no hf/)."""
     import re
 
     import torch
@@ -75,14 +75,16 @@ def test_a_diverging_run_stops_before_saving_and_keeps_its_good_checkpoints(tmp_
     argv = ["pretrain", str(ROOT / "configs/pretrain_tiny.yaml"), *SMALL, f"run.dir={run_dir}"]
     code = main([*argv, "optim.lr=1e3", "optim.min_lr=1", "train.max_steps=20", "train.save_every=1"])
     err = capsys.readouterr().err.strip().splitlines()
-    found = re.match(r"error: train/(?:loss|grad_norm)=(?:inf|nan) at step (\d+): the run diverged", err[-1])
-    assert code == 3 and found, err
-    step = int(found.group(1))
-    assert f"checkpoints/step_{step - 1} is the newest good checkpoint" in err[-1]
+    found = re.match(
+        r"error: train/(?:loss|grad_norm)=(?:inf|nan) at step (\d+), 3 bad steps in a row", err[-1]
+    )
+    assert code == 3 and found and "the run diverged" in err[-1], err
+    good = int(found.group(1)) - 3  # the step before the three bad ones
+    assert f"checkpoints/step_{good} is the newest good checkpoint" in err[-1]
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert kept[-1] == f"step_{step - 1}" and f"step_{step}" not in kept
+    assert kept[-1] == f"step_{good}", kept
     assert not (run_dir / "hf").exists()
-    state = load_full_state(run_dir / f"checkpoints/step_{step - 1}/model")
+    state = load_full_state(run_dir / f"checkpoints/step_{good}/model")
     assert all(torch.isfinite(t).all() for t in state.values() if torch.is_tensor(t))
 
 
@@ -102,7 +104,7 @@ def test_resume_with_another_model_or_stage_stops_before_writing(tmp_path, capsy
     capsys.readouterr()
     assert main([*argv, "model.hidden_size=96", "train.max_steps=4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "hidden_size=64, but the config makes hidden_size=96" in err[0], err
+    assert len(err) == 1 and "model.hidden_size: 64 -> 96" in err[0], err
     assert (run_dir / "config.yaml").read_text() == config_before  # nothing overwritten
     sft = ["sft", str(ROOT / "configs/sft_tiny.yaml"), f"run.dir={run_dir}", f"model.init_from={run_dir}"]
     assert main([*sft, "data.synthetic.n_train=50", "train.progress_bar=false"]) == 2
@@ -113,6 +115,7 @@ def test_resume_with_another_model_or_stage_stops_before_writing(tmp_path, capsy
 def test_grpo_refuses_a_tokenizer_past_the_vocabulary_and_a_resume_over_other_prompts(tmp_path, capsys):
     import dataclasses
     import json
+    import shutil
 
     import torch
     from tiny_llama import save_random_tiny_llama, tiny_llama_config
@@ -153,7 +156,12 @@ def test_grpo_refuses_a_tokenizer_past_the_vocabulary_and_a_resume_over_other_pr
     config_before = (run_dir / "config.yaml").read_text()
     capsys.readouterr()
     resumed = [*argv, f"model.init_from={model}", f"data.path={tmp_path / 'half.jsonl'}", "train.max_steps=2"]
-    assert main(resumed) == 2
+    assert main(resumed) == 2  # another data.path: the config check names it
+    err = capsys.readouterr().err.strip().splitlines()
+    changed = f"data.path: {tmp_path / 'all.jsonl'} -> {tmp_path / 'half.jsonl'}"
+    assert len(err) == 1 and changed in err[0], err
+    shutil.copyfile(tmp_path / "half.jsonl", tmp_path / "all.jsonl")  # the same data.path, other rows
+    assert main([*argv, f"model.init_from={model}", f"data.path={tmp_path / 'all.jsonl'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "written over 32 rows but the data now has 16" in err[0], err
     assert (run_dir / "config.yaml").read_text() == config_before

@@ -71,6 +71,16 @@ def export_hf_weights(
     return ours_to_hf_iter(named, config, arch)
 
 
+def expected_hf_shapes(config: TransformerConfig, arch: Architecture | str | None = None) -> dict[str, tuple]:
+    """{HF name: shape} of every tensor the model `config` describes exports; built on the meta device, so
+    nothing is allocated. What a checkpoint's tensors are checked against before any is read."""
+    from core.transformer.model import GPTModel
+
+    with torch.device("meta"):
+        model = GPTModel(config)
+    return {name: tuple(t.shape) for name, t in export_hf_weights(model, config, arch)}
+
+
 def hf_to_ours_tensors(
     read: Callable[[str], torch.Tensor],
     names: Iterable[str],

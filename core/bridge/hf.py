@@ -15,10 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from core.bridge.convert import export_hf_weights, hf_names_read, hf_to_ours_tensors, resolve_architecture
+from core.bridge.convert import (
+    expected_hf_shapes,
+    export_hf_weights,
+    hf_names_read,
+    hf_to_ours_tensors,
+    resolve_architecture,
+)
 from core.errors import InputError
 from core.models import Architecture, architecture_of_hf_config
 from core.transformer.config import TransformerConfig
@@ -91,20 +97,34 @@ class SafetensorsCheckpoint:
             raise InputError(f"no *.safetensors weights in model directory {path}")
         out: dict[str, Path] = {}
         for f in files:
-            with safe_open(f, framework="pt") as h:
-                out.update(dict.fromkeys(h.keys(), f))
+            try:
+                with safe_open(f, framework="pt") as h:
+                    out.update(dict.fromkeys(h.keys(), f))
+            except SafetensorError as e:
+                raise InputError(f"{f}: not a readable safetensors file ({e})") from None
         return out
 
     def keys(self) -> set[str]:
         return set(self._where)
 
     def get(self, name: str) -> torch.Tensor:
+        file, key = self._locate(name)
+        return self._handle(file).get_tensor(key)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """From the file's header: no data is read."""
+        file, key = self._locate(name)
+        return tuple(self._handle(file).get_slice(key).get_shape())
+
+    def _locate(self, name: str) -> tuple[Path, str]:
         if name not in self._where:
             raise InputError(f"{self.path}: checkpoint has no tensor {name!r}")
-        file, key = self._where[name]
+        return self._where[name]
+
+    def _handle(self, file: Path) -> Any:
         if file not in self._handles:
             self._handles[file] = self._stack.enter_context(safe_open(file, framework="pt"))
-        return self._handles[file].get_tensor(key)
+        return self._handles[file]
 
     def close(self) -> None:
         self._stack.close()
@@ -129,6 +149,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> GPTModel:
     checkpoint = SafetensorsCheckpoint(path, arch.hf_base_prefix)
     try:
         _check_keys(checkpoint, model, config, arch)
+        _check_shapes(checkpoint, config, arch)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, tensor in hf_to_ours_tensors(checkpoint.get, params, config, arch):
@@ -154,6 +175,33 @@ def _check_keys(
         raise InputError(
             f"{checkpoint.path}: {arch.name} checkpoint mismatch: missing {missing[:5]}, unknown {unknown[:5]}"
         )
+
+
+def _check_shapes(checkpoint: SafetensorsCheckpoint, config: TransformerConfig, arch: Architecture) -> None:
+    """InputError naming the first tensor whose stored shape is not the one config.json makes (headers only)."""
+    present = checkpoint.keys()
+    for name, want in expected_hf_shapes(config, arch).items():
+        if name in present and checkpoint.shape(name) != want:
+            raise InputError(
+                f"{checkpoint.path}: tensor {name} has shape {checkpoint.shape(name)}, but config.json makes "
+                f"it {want}"
+            )
+
+
+def check_hf_weights(path: str | Path) -> tuple[Architecture, TransformerConfig]:
+    """config.json against the safetensors headers, without reading a weight: InputError (one line) naming a
+    missing or unknown tensor, or one of another shape than the config makes. Returns the preset and config."""
+    path = Path(path)
+    arch, config = read_hf_config(path)
+    with torch.device("meta"):
+        model = GPTModel(config)
+    checkpoint = SafetensorsCheckpoint(path, arch.hf_base_prefix)
+    try:
+        _check_keys(checkpoint, model, config, arch)
+        _check_shapes(checkpoint, config, arch)
+    finally:
+        checkpoint.close()
+    return arch, config
 
 
 def save_hf(

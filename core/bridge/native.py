@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from core.bridge.convert import resolve_architecture
@@ -34,7 +35,9 @@ def save_native(model: GPTModel, path: str | Path, arch: Architecture | str | No
     (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_native(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPTModel, Architecture]:
+def check_native_weights(path: str | Path) -> tuple[Architecture, TransformerConfig]:
+    """model_config.json against the safetensors header, without reading a weight: InputError (one line)
+    naming a missing or unknown tensor, or one of another shape than the config makes."""
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"model directory not found: {path}")
@@ -47,18 +50,34 @@ def load_native(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[G
         raise InputError(f"{path / CONFIG_FILE}: missing or bad field {e}") from e
     except InputError as e:
         raise InputError(f"{path / CONFIG_FILE}: {e}") from e
+    with torch.device("meta"):
+        expected = {name: tuple(p.shape) for name, p in GPTModel(config).named_parameters()}
+    weights = path / WEIGHTS_FILE
+    try:
+        with safe_open(weights, framework="pt") as f:
+            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, FileNotFoundError) as e:
+        raise InputError(f"{weights}: not a readable safetensors file ({e})") from None
+    missing, unknown = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing or unknown:
+        raise InputError(
+            f"{weights}: tensors do not match {CONFIG_FILE}: missing {missing[:5]}, unknown {unknown[:5]}"
+        )
+    for name, want in expected.items():
+        if stored[name] != want:
+            raise InputError(
+                f"{weights}: tensor {name} has shape {stored[name]}, but {CONFIG_FILE} makes it {want}"
+            )
+    return arch, config
+
+
+def load_native(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPTModel, Architecture]:
+    path = Path(path)
+    arch, config = check_native_weights(path)
     with default_dtype(dtype):
         model = GPTModel(config)
-    state = load_file(path / WEIGHTS_FILE)
-    expected = dict(model.named_parameters())
-    if set(state) != set(expected):
-        diff = sorted(set(state) ^ set(expected))[:5]
-        raise InputError(f"{path / WEIGHTS_FILE}: parameter names do not match the config, e.g. {diff}")
+    state = load_file(path / WEIGHTS_FILE)  # names and shapes checked above
     with torch.no_grad():
-        for name, p in expected.items():
-            if state[name].shape != p.shape:
-                raise InputError(
-                    f"{path / WEIGHTS_FILE}: {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}"
-                )
+        for name, p in model.named_parameters():
             p.copy_(state[name])
     return model, arch

@@ -37,6 +37,7 @@ from core.data.datasets import (
     _load_from_disk,
     _one_line,
     check_record,
+    jsonl_lines,
 )
 from core.data.pretrain_dataset import Sample, _cached
 from core.data.tokenizer import validate_messages
@@ -78,22 +79,14 @@ def read_rows(path: str | Path, split: str = "train") -> list[Row]:
 
 def _jsonl_rows(path: Path) -> list[Row]:
     rows = []
-    with open(path, "rb") as f:  # bytes, so that bad UTF-8 is reported on its line, not in a 8 KiB chunk
-        for line_no, raw in enumerate(f, start=1):
-            where = f"{path}:{line_no}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
-            rows.append((record, where))
+    for where, line in jsonl_lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
+        rows.append((record, where))
     return rows
 
 
@@ -227,6 +220,8 @@ def build_sft_examples(
         if layout.messages is not None:
             ids, mask = _chat_tokens(tokenizer, record[layout.messages], where)
         else:
+            if not record[layout.response].strip():
+                raise InputError(f"{where}: field '{layout.response}' is empty, so nothing to train on")
             ids, mask = _completion_tokens(tokenizer, record[layout.prompt], record[layout.response], where)
         examples.append(_truncated_example(ids, mask, where, max_len, truncation))
     return examples
@@ -464,6 +459,9 @@ def _text_preference(
 ) -> PreferenceExample:
     if not isinstance(prompt, str):
         raise InputError(f"{where}: field 'prompt' must be a string when 'chosen' and 'rejected' are strings")
+    for key, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise InputError(f"{where}: field '{key}' is empty")
     eos = _eos_id(tokenizer, where)
     prompt_ids = _with_bos(tokenizer, _encode(tokenizer, prompt))
     if not prompt_ids:

@@ -70,21 +70,33 @@ def check_record(record: Any, fields: RecordFields) -> str | None:
     return None
 
 
+def jsonl_lines(path: str | Path) -> Iterator[tuple[str, str]]:
+    """(where, line) for every non-blank line of a JSONL file, where = "path:LINE". The file is read as
+    bytes, so that bad UTF-8 is an InputError on its line rather than a UnicodeDecodeError of some 8 KiB
+    chunk; a UTF-8 byte-order mark on the first line is dropped."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start + 1})") from None
+            if line.strip():
+                yield where, line
+
+
 def validate_jsonl(path: Path, fields: RecordFields) -> int:
     """Check every line of a JSONL file; returns the number of records. Blank lines are skipped."""
     n_records = 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from e
-            problem = check_record(record, fields)
-            if problem is not None:
-                raise InputError(f"{path}:{line_no}: {problem}")
-            n_records += 1
+    for where, line in jsonl_lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
+        problem = check_record(record, fields)
+        if problem is not None:
+            raise InputError(f"{where}: {problem}")
+        n_records += 1
     return n_records
 
 
@@ -101,7 +113,8 @@ def load_records(
     if path.is_dir():
         dataset = _load_from_disk(path, split)
     elif path.suffix in JSONL_SUFFIXES:
-        validate_jsonl(path, fields)
+        if not validate_jsonl(path, fields):  # `datasets` fails on an empty file with a bare StopIteration
+            raise InputError(f"{path}: no records (the file is empty)")
         dataset = _load_file("json", path)
     elif path.suffix in PARQUET_SUFFIXES:
         dataset = _load_file("parquet", path)
@@ -112,6 +125,8 @@ def load_records(
     missing = [name for name in fields.required if name not in dataset.column_names]
     if missing:
         raise InputError(f"{path}: missing field '{missing[0]}' (columns: {', '.join(dataset.column_names)})")
+    if not len(dataset):
+        raise InputError(f"{path}: no records")
     return dataset
 
 

@@ -16,6 +16,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 PRESETS: dict[str, Callable[[], TransformerConfig]] = {
     "llama_tiny": llama.llama_tiny,
+    "llama_370m": llama.llama_370m,
     "llama_1b": llama.llama_1b,
     "llama3_8b": llama.llama3_8b,
     "qwen2_tiny": qwen2.qwen2_tiny,

@@ -223,6 +223,19 @@ def llama_tiny() -> TransformerConfig:
     )
 
 
+def llama_370m() -> TransformerConfig:
+    """The 0.37B Llama-like shape of the TRL GRPO baseline in ENVIRONMENT.md (`rl bench grpo`)."""
+    return TransformerConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        num_layers=24,
+        num_attention_heads=16,
+        num_kv_heads=16,
+        ffn_hidden_size=2816,
+        max_position_embeddings=4096,
+    )
+
+
 def llama_1b() -> TransformerConfig:
     """The ~1B Llama-like shape of the GPU baseline in ENVIRONMENT.md (multi-head attention)."""
     return TransformerConfig(

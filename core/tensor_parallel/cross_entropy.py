@@ -119,7 +119,9 @@ def vocab_parallel_token_correct(
     logits_local: torch.Tensor, target: torch.Tensor, tp_group: dist.ProcessGroup | None
 ) -> torch.Tensor:
     """1.0 where the target is the argmax of the full-vocabulary logits, else 0.0: (B, T) fp32. Only (B, T)
-    statistics cross the tp group (one MAX, one SUM). A tie with another token counts as correct."""
-    z, _ = _log_normalizer(logits_local, tp_group)  # z <= 0, and 0 at the global max
-    picked = all_reduce(_target_logit(z, target, tp_group), tp_group)
-    return (picked >= 0).to(torch.float32)
+    statistics cross the tp group (one MAX, one SUM). A tie with another token counts as correct. Reads the
+    logits in their own dtype (no fp32 copy of the vocabulary: a training step logs it every micro-batch)."""
+    vmax = all_reduce(logits_local.max(dim=-1).values.float(), tp_group, op=dist.ReduceOp.MAX)  # (...)
+    index, inside = _local_target(target, logits_local.shape[-1], tp_group)
+    picked = logits_local.gather(-1, index.unsqueeze(-1)).squeeze(-1).float().masked_fill(~inside, 0.0)
+    return (all_reduce(picked, tp_group) >= vmax).to(torch.float32)

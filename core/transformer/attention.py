@@ -28,6 +28,11 @@ from core.transformer.rope import apply_rope
 
 RopeCache = tuple[torch.Tensor, torch.Tensor]  # cos, sin each (B, 1, T, head_dim)
 
+try:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - depends on the install
+    BlockMask = None
+
 
 def position_ids_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
     """segment_ids (B, T) -> position_ids (B, T) that restart at 0 wherever the segment id changes."""
@@ -66,6 +71,37 @@ def build_attention_mask(
     if segment_ids is not None:
         mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     return mask | torch.eye(seq_len, dtype=torch.bool, device=device)
+
+
+def flex_available(device: torch.device) -> bool:
+    """Packed documents go through flex_attention on CUDA (a compiled flash-style kernel that skips the
+    blocks no query of the document attends to); elsewhere through SDPA with a dense mask."""
+    return BlockMask is not None and device.type == "cuda"
+
+
+def document_block_mask(segment_ids: torch.Tensor, sliding_window: int | None = None) -> BlockMask:
+    """flex_attention's BlockMask for packed rows: causal, same document (and within the window). The same
+    attention as build_attention_mask(T, None, segment_ids, sliding_window), without a (B, 1, T, T) tensor."""
+    B, T = segment_ids.shape
+
+    def mask_mod(b, h, q, k):  # noqa: ANN001, ARG001
+        keep = (k <= q) & (segment_ids[b, q] == segment_ids[b, k])
+        return keep & (q - k < sliding_window) if sliding_window is not None else keep
+
+    return create_block_mask(mask_mod, B, None, T, T, device=segment_ids.device)
+
+
+_compiled_flex = None
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    """flex_attention, compiled once (eager flex is a slow reference that materialises the scores)."""
+    global _compiled_flex
+    if q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
 class SelfAttention(nn.Module):
@@ -130,14 +166,17 @@ class SelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: RopeCache | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x (B, T, H) -> (B, T, H); mask from build_attention_mask (None: causal), under CP from
-        context_parallel.build_cp_attention_mask (B or 1, 1, T, T * cp), never None."""
+        """x (B, T, H) -> (B, T, H); mask from build_attention_mask (None: causal) or document_block_mask
+        (a flex BlockMask), under CP from context_parallel.build_cp_attention_mask (B or 1, 1, T, T * cp),
+        never None."""
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x, rope)
         k, v = all_gather_kv_for_cp(k, v, self.cp_group)  # (B, n_kv_local, T * cp, d); identity for cp=1
         if mask is None:
             # Query head h reads kv head h // group_size (the fused layout above); flash attention does GQA.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif BlockMask is not None and isinstance(mask, BlockMask):
+            out = _flex(q, k, v, mask)  # packed documents (document_block_mask)
         else:
             # CUDA's memory-efficient kernel (the one that takes a mask) has no GQA: repeat kv heads instead.
             k, v = k.repeat_interleave(self.group_size, dim=1), v.repeat_interleave(self.group_size, dim=1)

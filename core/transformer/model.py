@@ -42,6 +42,8 @@ from core.transformer.attention import (
     RopeCache,
     SelfAttention,
     build_attention_mask,
+    document_block_mask,
+    flex_available,
     position_ids_from_segments,
 )
 from core.transformer.config import TransformerConfig
@@ -49,6 +51,7 @@ from core.transformer.context_parallel import build_cp_attention_mask
 from core.transformer.mlp import MLP
 from core.transformer.moe import MoE
 from core.transformer.norm import build_norm
+from core.transformer.recompute import Recompute, run_layer
 from core.transformer.rope import rope_cos_sin, rope_inv_freq
 
 
@@ -74,7 +77,10 @@ class Embedding(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). recompute: none | selective | full
+    activation recompute in training (core/transformer/recompute.py; ModelEngine sets it)."""
+
+    recompute: Recompute = "none"
 
     def __init__(
         self,
@@ -97,6 +103,15 @@ class TransformerLayer(nn.Module):
         token_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """x (B, T, H) -> (B, T, H)."""
+        return run_layer(self.recompute, self._forward, x, rope, mask, token_mask)
+
+    def _forward(
+        self,
+        x: torch.Tensor,
+        rope: RopeCache | None,
+        mask: torch.Tensor | None,
+        token_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         x = x + self.self_attention(self.input_norm(x), rope, mask)
         h = self.pre_mlp_norm(x)
         return x + (self.mlp(h, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h))
@@ -110,7 +125,11 @@ class GPTModel(nn.Module):
     returns vocab-local logits (B, T, V/tp) (or values (B, T, 1) when config.head == "value"); otherwise returns hidden states (B, T, H).
     After forward, `aux_loss` is this stage's share of moe_aux_loss_coeff * mean over all layers of the
     load-balancing loss (zero for dense models), so that the stages' shares add up to the model's.
+    flex: packed documents (segment_ids, no padding) attend through flex_attention on CUDA; False keeps
+    SDPA with a dense (B, 1, T, T) mask there too.
     """
+
+    flex: bool = True
 
     def __init__(
         self,
@@ -209,6 +228,10 @@ class GPTModel(nn.Module):
             raise ValueError("a pipeline stage without pre_process takes hidden_states")
         return hidden_states
 
+    def flex_documents(self, device: torch.device) -> bool:
+        """Packed documents through flex_attention (CUDA, cp = 1, unless self.flex is False)."""
+        return self.flex and flex_available(device) and group_size(self.cp_group) == 1
+
     def _attention_mask(
         self,
         T: int,
@@ -216,8 +239,11 @@ class GPTModel(nn.Module):
         segment_ids: torch.Tensor | None,
         device: torch.device,
     ) -> torch.Tensor | None:
-        """(B or 1, 1, T, T * cp) boolean mask, or None for plain causal attention (never under cp > 1)."""
+        """(B or 1, 1, T, T * cp) boolean mask, or None for plain causal attention (never under cp > 1); for
+        packed documents without padding on CUDA a flex BlockMask (flash-speed, no (B, T, T) tensor)."""
         window = self.config.sliding_window
+        if segment_ids is not None and attention_mask is None and self.flex_documents(device):
+            return document_block_mask(segment_ids, window)
         if group_size(self.cp_group) == 1:
             return build_attention_mask(T, attention_mask, segment_ids, window, device)
         return build_cp_attention_mask(T, attention_mask, segment_ids, window, self.cp_group, device)

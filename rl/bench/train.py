@@ -43,17 +43,17 @@ def time_steps(step_fn, device: torch.device, warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def ours_step_fn(config, batch, device, dtype, compile_model: bool):
+def ours_step_fn(config, batch, device, dtype, compile_model: bool, recompute: str = "none"):
     from core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
     from core.transformer.model import GPTModel
 
     model = GPTModel(config).to(device=device, dtype=dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     forward = torch.compile(model) if compile_model else model
-    input_ids, labels = batch
+    input_ids, labels, segment_ids = batch
 
     def step():
-        logits = forward(input_ids)  # (B, T, V)
+        logits = forward(input_ids, segment_ids=segment_ids)  # (B, T, V)
         loss = vocab_parallel_cross_entropy(logits, labels, None).mean()
         loss.backward()
         opt.step()
@@ -62,7 +62,7 @@ def ours_step_fn(config, batch, device, dtype, compile_model: bool):
     return step, model
 
 
-def engine_step_fn(config, batch, device, dtype, compile_model: bool):
+def engine_step_fn(config, batch, device, dtype, compile_model: bool, recompute: str = "none"):
     """What `rl pretrain` runs on one device: ModelEngine with fp32 master weights and an fp32 gradient
     buffer (DDP hooks), the global-norm clip and AdamW on the masters; compile = per-layer compile."""
     from core.config import OptimConfig, ParallelConfig
@@ -80,10 +80,13 @@ def engine_step_fn(config, batch, device, dtype, compile_model: bool):
         full_state,
         dtype,
         compile_layers=compile_model,
+        recompute=recompute,
     )
     del full_state
-    input_ids, labels = batch
+    input_ids, labels, segment_ids = batch
     micro_batch = {"input_ids": input_ids, "labels": labels}
+    if segment_ids is not None:
+        micro_batch["segment_ids"] = segment_ids
     n_tokens = float(labels.numel())
 
     def loss_fn(logits, mb):
@@ -96,7 +99,7 @@ def engine_step_fn(config, batch, device, dtype, compile_model: bool):
     return step, engine
 
 
-def hf_step_fn(config, batch, device, dtype, compile_model: bool):
+def hf_step_fn(config, batch, device, dtype, compile_model: bool, recompute: str = "none"):
     from transformers import AutoModelForCausalLM
 
     from core.models import infer_architecture
@@ -110,7 +113,9 @@ def hf_step_fn(config, batch, device, dtype, compile_model: bool):
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     forward = torch.compile(model) if compile_model else model
-    input_ids, labels = batch
+    input_ids, labels, segment_ids = batch
+    if segment_ids is not None:
+        raise ValueError("the transformers row has no packed-document attention: run it without --documents")
 
     def step():
         logits = forward(input_ids=input_ids).logits
@@ -122,15 +127,39 @@ def hf_step_fn(config, batch, device, dtype, compile_model: bool):
     return step, model
 
 
+def document_ids(batch_size: int, seq_len: int, documents: int, device: torch.device) -> torch.Tensor | None:
+    """(B, T) segment ids of `documents` equal-length packed documents per row; None for 0 or 1."""
+    if documents <= 1:
+        return None
+    per = -(-seq_len // documents)
+    return (torch.arange(seq_len, device=device) // per).expand(batch_size, seq_len).contiguous()
+
+
 def run_one(
-    name, builder, config, seq_len, batch_size, device, dtype, compile_model, warmup, steps
+    name,
+    builder,
+    config,
+    seq_len,
+    batch_size,
+    device,
+    dtype,
+    compile_model,
+    warmup,
+    steps,
+    documents: int = 0,
+    recompute: str = "none",
 ) -> BenchResult:
+    """documents > 1: every row packs that many documents (per-document attention, as rl pretrain packs)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), generator=g).to(device)
-    batch = (ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+    batch = (
+        ids[:, :-1].contiguous(),
+        ids[:, 1:].contiguous(),
+        document_ids(batch_size, seq_len, documents, device),
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step, model = builder(config, batch, device, dtype, compile_model)
+    step, model = builder(config, batch, device, dtype, compile_model, recompute)
     step_s = time_steps(step, device, warmup, steps)
     tokens_per_s = batch_size * seq_len / step_s
     peak = peak_flops(device)

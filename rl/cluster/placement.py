@@ -132,6 +132,45 @@ def _round_down(x: float) -> float:
     return math.floor(x * 10_000) / 10_000
 
 
+def placement_shortage(
+    placement: Placement, cluster: dict[str, float], nodes: list[dict[str, float]]
+) -> str | None:
+    """What a cluster (its total resources and those of each node) can never give `placement`, waiting
+    or not: the bundles of all its pools together, one bundle on some node, a STRICT_PACK pool on one node,
+    a STRICT_SPREAD pool on distinct nodes. None when it fits."""
+    pools = {"colocated": placement.num_bundles} if placement.mode == "colocated" else dict(placement.pools)
+    bundle, count = placement.bundle, sum(pools.values())
+    total = {k: v * count for k, v in bundle.items()}
+    has = {k: cluster.get(k, 0.0) for k in sorted({"CPU", "GPU", *bundle})}
+    if _missing(total, cluster):
+        return (
+            f"the placement needs {count} x {_fmt(bundle)} = {_fmt(total)} but the Ray cluster has {_fmt(has)} "
+            f"in all (missing {_fmt(_missing(total, cluster))})"
+        )
+    fitting = [node for node in nodes if not _missing(bundle, node)]
+    if not fitting:
+        return f"no node of the Ray cluster fits one bundle {_fmt(bundle)} (cluster {_fmt(has)})"
+    for name, size in pools.items():
+        whole = {k: v * size for k, v in bundle.items()}
+        if placement.strategy == "STRICT_PACK" and all(_missing(whole, node) for node in nodes):
+            return f"pool {name!r} needs {_fmt(whole)} on one node (STRICT_PACK); no node of the Ray cluster has it"
+        if placement.strategy == "STRICT_SPREAD" and len(fitting) < size:
+            return f"pool {name!r} needs {size} nodes (STRICT_SPREAD) that fit {_fmt(bundle)}; the cluster has {len(fitting)}"
+    return None
+
+
+def check_placement_fits(placement: Placement) -> None:
+    """InputError (one line) when the connected cluster can never hold the placement, before any pool or
+    worker is made (resources that exist but are busy are waited for, placement.ready_timeout_s)."""
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    shortage = placement_shortage(placement, ray.cluster_resources(), nodes)
+    if shortage:
+        raise InputError(
+            f"{shortage}: use fewer or smaller bundles (placement.num_bundles / pools, gpus_per_bundle, "
+            "cpus_per_bundle, parallel.*) or a larger cluster"
+        )
+
+
 def build_pools(placement: Placement, roles: list[str]) -> dict[str, RolePlacement]:
     """Reserve the pools `placement` asks for and say where each role goes.
 

@@ -6,6 +6,11 @@ Token authentication (Ray >= 2.5x): a new local cluster enables it by default an
   it with auth disabled (RAY_AUTH_MODE=disabled) unless the caller set RAY_AUTH_MODE themselves;
 - attach (address given): `auth_token` (or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token,
   which Ray reads itself) is passed through the environment, which Ray's workers inherit.
+
+A run on worker groups (`init_run_ray`) attaches to the cluster its config's `ray.address` names, else to
+the one it runs in: the entrypoint of a Ray job gets RAY_ADDRESS from the job supervisor (as a script on a
+node of a cluster may export it), so a job places its workers on its own cluster and never starts a
+nested one. Only without either does it start a local cluster.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 
 import ray
 
+from core.config import Placement, RayOptions
 from core.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -83,7 +89,9 @@ def init_ray(
             dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
         )
-        _start_local(kwargs)
+        _start_local(
+            {**kwargs, "address": "local"}
+        )  # "local": a RAY_ADDRESS in the environment cannot redirect it
     else:
         _attach(address, kwargs)
     return ray.cluster_resources()
@@ -111,6 +119,37 @@ def _attach(address: str, kwargs: dict[str, Any]) -> None:
                 "or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH; `ray get-auth-token` prints it on the head node)"
             ) from e
         raise
+
+
+def run_cluster_address(address: str | None) -> str | None:
+    """The cluster a run attaches to: `address` (the config's ray.address), else RAY_ADDRESS (set in a Ray
+    job's entrypoint); None: start a local one. An http(s):// RAY_ADDRESS names a dashboard (where `ray
+    job submit` and `rl submit` send jobs), not a cluster to attach to."""
+    env = os.environ.get("RAY_ADDRESS", "")
+    return address or (env if env and not env.startswith(("http://", "https://")) else None)
+
+
+def init_run_ray(options: RayOptions, placement: Placement) -> bool:
+    """Ray for a run on worker groups: attach to run_cluster_address's cluster, or start a local one sized
+    by ray.num_cpus/num_gpus; then check that the cluster can hold the placement (one-line InputError
+    before any worker starts). True when this call connected (the caller disconnects when done)."""
+    from rl.cluster.placement import check_placement_fits
+
+    owns = not ray.is_initialized()
+    if owns:
+        address = run_cluster_address(options.address)
+        sized = address is None or options.address is not None  # a local cluster, or the config's own
+        if not sized and (options.num_cpus is not None or options.num_gpus is not None):
+            logger.warning("ray.num_cpus/num_gpus size a local cluster: ignored, attaching to %s", address)
+        num_cpus, num_gpus = (options.num_cpus, options.num_gpus) if sized else (None, None)
+        init_ray(address, num_cpus, num_gpus=num_gpus, namespace=options.namespace)
+    try:
+        check_placement_fits(placement)
+    except BaseException:
+        if owns:
+            shutdown_ray()
+        raise
+    return owns
 
 
 def shutdown_ray() -> None:

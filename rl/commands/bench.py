@@ -27,9 +27,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also time ModelEngine (what rl pretrain runs: fp32 masters and grad buffer, clipping)",
     )
+    t.add_argument(
+        "--documents",
+        type=int,
+        default=0,
+        help="pack this many documents per row (per-document attention, as rl pretrain does); no HF row",
+    )
+    t.add_argument(
+        "--recompute",
+        choices=["none", "selective", "full"],
+        default="none",
+        help="activation recompute of the ModelEngine row (train.recompute)",
+    )
     t.set_defaults(func=run_train)
     _register_generate(kinds)
     _register_refit(kinds)
+    _register_grpo(kinds)
+    _register_checkpoint(kinds)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -75,6 +89,59 @@ def _register_refit(kinds: argparse._SubParsersAction) -> None:
         help="comma list of same-process, shm, process-group (the last two refit an engine in another process)",
     )
     r.set_defaults(func=run_refit)
+
+
+def _register_grpo(kinds: argparse._SubParsersAction) -> None:
+    g = kinds.add_parser(
+        "grpo",
+        help="seconds per full GRPO step (generate, logprobs, reference, train, refit) vs TRL's GRPOTrainer",
+        description="Full GRPO steps of the in-process loop (native engine on the policy's weights) on random "
+        "weights of a preset, random prompts and random rewards, every sample exactly --new-tokens long; "
+        "baseline: trl.GRPOTrainer on the same weights and work (a row saying why when trl is missing).",
+    )
+    _add_model_args(g)
+    g.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    g.add_argument("--n", type=int, default=8, help="samples per prompt (the group)")
+    g.add_argument("--prompt-len", type=int, default=64)
+    g.add_argument("--new-tokens", type=int, default=256, help="tokens per sample (EOS ignored)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--micro-batch-size", type=int, default=16, help="sequences per forward/backward (ours)")
+    g.add_argument(
+        "--kl-coef", type=float, default=0.04, help="KL to a frozen reference (TRL's beta); 0: none"
+    )
+    g.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    g.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    g.add_argument("--compile", action="store_true", help="torch.compile the policy's layers (ours)")
+    g.add_argument("--no-baseline", action="store_true", help="skip TRL")
+    g.set_defaults(func=run_grpo)
+
+
+def run_grpo(args: argparse.Namespace) -> int:
+    from core.models import preset
+    from rl.bench.grpo import GRPOShape, format_table, run_grpo_bench
+
+    device, dtype, label = _device_and_dtype(args)
+    shape = GRPOShape(
+        prompts=args.prompts,
+        n=args.n,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        temperature=args.temperature,
+        micro_batch_size=args.micro_batch_size,
+        kl_coef=args.kl_coef,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=device,
+        dtype=dtype,
+        compile=args.compile,
+    )
+    results = run_grpo_bench(preset(args.preset), shape, baseline=not args.no_baseline)
+    print(
+        f"grpo bench: {args.preset}, {args.prompts} prompts x {args.n} samples x {args.new_tokens} new tokens "
+        f"(prompt {args.prompt_len}), temperature {args.temperature}, kl {args.kl_coef}, {label}"
+    )
+    print(format_table(results))
+    return 0
 
 
 def _device_and_dtype(args: argparse.Namespace):
@@ -154,16 +221,55 @@ def run_train(args: argparse.Namespace) -> int:
         compile_model=args.compile,
         warmup=args.warmup,
         steps=args.steps,
+        documents=args.documents,
     )
-    suffix = " +compile" if args.compile else ""
+    suffix = (" +compile" if args.compile else "") + (f" {args.documents} docs" if args.documents > 1 else "")
     results = [run_one(f"tandem GPTModel{suffix}", ours_step_fn, config, **shape)]
     if args.engine:
-        results.append(run_one(f"tandem ModelEngine{suffix}", engine_step_fn, config, **shape))
-    if not args.no_baseline:
+        extra = f" recompute={args.recompute}" if args.recompute != "none" else ""
+        results.append(
+            run_one(
+                f"tandem ModelEngine{suffix}{extra}",
+                engine_step_fn,
+                config,
+                **shape,
+                recompute=args.recompute,
+            )
+        )
+    if not args.no_baseline and args.documents <= 1:
         results.append(run_one(f"transformers{suffix} (baseline)", hf_step_fn, config, **shape))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         f"train bench: {args.preset} seq {args.seq_len} x mbs {args.micro_batch_size}, {dtype_name}, {name}"
     )
-    print(format_table(results, baseline=results[-1].name))
+    baseline = results[-1].name if results[-1].name.endswith("(baseline)") else results[0].name
+    print(format_table(results, baseline=baseline))  # vs transformers, else vs the bare GPTModel
+    return 0
+
+
+def _register_checkpoint(kinds: argparse._SubParsersAction) -> None:
+    c = kinds.add_parser(
+        "checkpoint",
+        help="training-step stall of a checkpoint save: async (train.async_save) vs sync dcp.save",
+        description="Save a ModelEngine of the preset (weights, fp32 masters, AdamW moments) through the "
+        "checkpoint manager, sync then async, timing what the training step waits for.",
+    )
+    _add_model_args(c)
+    c.add_argument("--repeats", type=int, default=3, help="timed saves per mode after one untimed")
+    c.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+    c.set_defaults(func=run_checkpoint)
+
+
+def run_checkpoint(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from core.models import preset
+    from rl.bench.checkpoint import format_table, run_checkpoint_bench
+
+    device, dtype, where = _device_and_dtype(args)
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-ckpt-", dir=args.dir) as workdir:
+        results, size = run_checkpoint_bench(preset(args.preset), device, dtype, Path(workdir), args.repeats)
+        print(f"checkpoint bench: {args.preset}, {where}, into {workdir}, mean of {args.repeats} saves")
+    print(format_table(results, size))
     return 0

@@ -78,11 +78,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.bridge.hf import check_hf_weights
+
     model_dir = resolve_model_dir(args.model)
+    vocab_size = check_hf_weights(model_dir)[1].vocab_size  # every tensor there, of the config's shape
     rows = read_prompts(args.prompts)
     params = [sampling_params(args, i) for i in range(len(rows))]
     tokenizer = _load_tokenizer(model_dir, needed=any(r.text is not None for r in rows))
+    if tokenizer is not None and len(tokenizer) > vocab_size:
+        raise InputError(
+            f"{model_dir}: the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size="
+            f"{vocab_size} (ids past it have no embedding)"
+        )
     prompt_ids = [encode(r, tokenizer, args.prompts, i) for i, r in enumerate(rows)]
+    for i, ids in enumerate(prompt_ids):
+        if max(ids) >= vocab_size:
+            raise InputError(
+                f"{args.prompts}: prompt {i + 1} has token id {max(ids)}, past vocab_size={vocab_size}"
+            )
     max_model_len = args.max_model_len or max(len(ids) for ids in prompt_ids) + args.max_tokens
     _check_context(model_dir, max_model_len)
     engine = build_engine(args, model_dir, max_model_len)
@@ -114,11 +127,9 @@ def resolve_model_dir(path: Path) -> Path:
 def read_prompts(path: Path) -> list[PromptRow]:
     if not path.is_file():
         raise InputError(f"--prompts {path}: file not found")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                rows.append(_parse_row(line, f"{path}:{lineno}"))
+    from core.data.datasets import jsonl_lines
+
+    rows = [_parse_row(line, where) for where, line in jsonl_lines(path)]
     if not rows:
         raise InputError(f"--prompts {path}: no prompts (the file is empty)")
     return rows

@@ -35,9 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     actions = p.add_subparsers(dest="job_action", metavar="ACTION", required=True)
     for name, help_text, func in (
-        ("status", "a job's status, run directory and times", _status),
+        ("status", "a job's status, times, run directory, last step and its main metrics", _status),
         ("logs", "a job's output so far (--follow: until it ends)", _logs),
-        ("stop", "stop a job and wait until it has stopped", _stop),
+        (
+            "stop",
+            "stop a job and wait until it has stopped (its checkpoints stay: resubmit to resume)",
+            _stop,
+        ),
         ("list", "all jobs on the cluster", _list),
     ):
         a = actions.add_parser(name, help=help_text, description=f"{help_text}. {HELP.splitlines()[2]}")

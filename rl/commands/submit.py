@@ -20,6 +20,11 @@ always follows the job and stops when it ends).
 Results: on a cluster on this machine a relative run.dir is made absolute here, so the results land
 where `rl COMMAND` would put them. On a remote cluster give --run-dir a path on shared storage.
 
+Inputs (model.init_from, tokenizers, data and eval files, a reward model: every path the config reads)
+mean in the job what they mean here: on a cluster on this machine they are made absolute; on a remote
+cluster a relative one must be inside the upload (runs/ never is): use absolute paths on shared storage,
+or --upload a small file (it lands in the job's _uploads/ and the keys naming it point there).
+
 Prints the job id on stdout (first line), then follows the job's output until it ends (exit 0 if it
 SUCCEEDED, 1 if not) unless --no-wait. Then: rl job status|logs|stop ID."""
 
@@ -41,6 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     wait.add_argument("--no-wait", action="store_true", help="return once submitted")
     p.add_argument("--run-dir", metavar="DIR", help="the run directory (overrides run.dir)")
+    p.add_argument(
+        "--upload",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="ship this file or directory with the job; config keys naming it are pointed at the copy",
+    )
     p.add_argument("--name", help="a label shown by `rl job list` and the Ray dashboard")
     p.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable of the job"
@@ -85,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         env=jobs.parse_env(args.env),
         python=args.python,
         excludes=args.exclude,
+        uploads=args.upload,
     )
     if not start_local:
         return _submit(args, spec, address, follow=not args.no_wait)
@@ -102,7 +115,8 @@ def _submit(args: argparse.Namespace, spec, address: str, *, follow: bool, local
     )
     print(job_id, flush=True)
     _note(f"submitted `rl {spec.command}` to {address} as job {job_id}")
-    _note(spec.run_dir_note)
+    for line in spec.notes:
+        _note(line)
     flags = f" --address {address}"
     if not follow:
         _note(f"follow: rl job logs {job_id} --follow{flags}; stop: rl job stop {job_id}{flags}")

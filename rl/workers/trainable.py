@@ -29,5 +29,5 @@ class TrainedModelMixin:
     def load(self, path: str) -> None:
         path_ = Path(path)
         self.model.load(path_ / "model")
-        state = torch.load(path_ / "schedule.pt", weights_only=False)
+        state = torch.load(path_ / "schedule.pt", weights_only=True)
         self.scheduler.load_state_dict(state["scheduler"])

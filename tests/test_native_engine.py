@@ -401,7 +401,6 @@ def test_tensor_parallel_engine_matches_single_process(checkpoints, engine, tmp_
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_decode_matches_eager_and_hf(checkpoints, hf_models) -> None:
     """fp32 on the GPU: graphs captured per (batch, kv length) bucket give the eager tokens, which are
     HF's greedy tokens; seeded samples are the same with and without graphs; bf16 runs."""
@@ -431,24 +430,24 @@ def test_cuda_graph_decode_matches_eager_and_hf(checkpoints, hf_models) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compiled_cuda_draw_equals_the_eager_cpu_draw() -> None:
-    """The Inductor-compiled draw on CUDA (no filters) is the eager CPU function: same tokens for greedy,
-    tempered and mixed rows at several batch sizes (dynamic shapes), logprobs within fp32 rounding."""
+    """The Inductor-compiled draw on CUDA (with and without top-k/top-p thresholds) is the eager CPU
+    function: same tokens for greedy, tempered and mixed rows at several batch sizes (dynamic shapes),
+    logprobs within fp32 rounding."""
     torch.manual_seed(0)
     for rows_n in (1, 7, 64):
         logits = (torch.randn(rows_n, 32000) * 3).to(torch.bfloat16)
         temperature = torch.tensor([0.0 if i % 3 == 0 else 0.7 + 0.1 * (i % 5) for i in range(rows_n)])
         rows = SamplingRows(
             temperature=temperature,
-            top_k=torch.full((rows_n,), 32000),
-            top_p=torch.ones(rows_n),
+            top_k=torch.tensor([32000 if i % 2 else 50 for i in range(rows_n)]),
+            top_p=torch.tensor([0.95 if i % 4 < 2 else 1.0 for i in range(rows_n)]),
             keys=torch.tensor([split_key(1000 + i) for i in range(rows_n)], dtype=torch.int64).view(-1, 2),
         )
         steps = torch.arange(rows_n, dtype=torch.int64) * 5
-        for any_random in (False, True):
-            want = sample(logits, rows, steps, apply_filters=False, any_random=any_random)
+        for any_random, apply_filters in ((False, False), (True, False), (True, True)):
+            want = sample(logits, rows, steps, apply_filters=apply_filters, any_random=any_random)
             cuda_rows = SamplingRows(*(t.cuda() for t in rows._fields()))
-            got = sample(logits.cuda(), cuda_rows, steps.cuda(), apply_filters=False, any_random=any_random)
+            got = sample(logits.cuda(), cuda_rows, steps.cuda(), apply_filters, any_random)
             assert torch.equal(got[0].cpu(), want[0])
             torch.testing.assert_close(got[1].cpu(), want[1], rtol=0, atol=1e-5)

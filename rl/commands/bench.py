@@ -57,7 +57,8 @@ def _register_generate(kinds: argparse._SubParsersAction) -> None:
     g = kinds.add_parser(
         "generate",
         help="generation new tokens/s: native engine, vLLM vs HF generate",
-        description="Greedy generation of exactly --new-tokens per prompt (EOS ignored) on random weights; "
+        description="Generation of exactly --new-tokens per sample (EOS ignored; greedy unless --temperature) "
+        "on random weights; "
         "baseline: transformers generate. Engines that cannot run here get a row saying why.",
     )
     _add_model_args(g)
@@ -68,6 +69,22 @@ def _register_generate(kinds: argparse._SubParsersAction) -> None:
         "--engines",
         default="hf,hf-static,native,vllm",
         help="comma list of hf, hf-static (CUDA only), native, vllm",
+    )
+    g.add_argument("--n", type=int, default=1, help="samples per prompt")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--baseline", choices=["hf", "hf-static", "vllm"], default="hf", help="the 'vs base' row")
+    g.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=None,
+        help="native KV pool (default: every sample's full length, capped on CUDA at 80%% of free memory)",
+    )
+    g.add_argument(
+        "--warmup-new-tokens", type=int, default=None, help="of the untimed run (default: --new-tokens)"
+    )
+    g.add_argument(
+        "--block-size", type=int, default=None, help="native KV block size (default: the engine's)"
     )
     g.set_defaults(func=run_generate)
 
@@ -160,21 +177,33 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from core.errors import InputError
     from core.models import preset
-    from rl.bench.generate import ENGINES, GenShape, format_table, run_generate_bench
+    from rl.bench.generate import BASELINES, ENGINES, GenShape, format_table, run_generate_bench
 
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         raise InputError(f"--engines: unknown {unknown}; choose from {', '.join(ENGINES)}")
     device, dtype, where = _device_and_dtype(args)
-    shape = GenShape(args.batch, args.prompt_len, args.new_tokens, device, dtype)
-    with tempfile.TemporaryDirectory(prefix="tandem-bench-gen-") as workdir:
-        results = run_generate_bench(preset(args.preset), shape, engines, Path(workdir))
-    print(
-        f"generate bench: {args.preset} batch {args.batch} x prompt {args.prompt_len} "
-        f"+ {args.new_tokens} new tokens (greedy, EOS ignored), {where}"
+    shape = GenShape(
+        args.batch, args.prompt_len, args.new_tokens, device, dtype, args.n, args.temperature, args.top_p
     )
-    print(format_table(results))
+    config = preset(args.preset)
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-gen-") as workdir:
+        results = run_generate_bench(
+            config,
+            shape,
+            engines,
+            Path(workdir),
+            kv_cache_gib=args.kv_cache_gib,
+            warmup_new_tokens=args.warmup_new_tokens,
+            block_size=args.block_size,
+        )
+    how = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, top-p {args.top_p}"
+    print(
+        f"generate bench: {args.preset} batch {args.batch} x n {args.n} x prompt {args.prompt_len} "
+        f"+ {args.new_tokens} new tokens ({how}, EOS ignored), {where}"
+    )
+    print(format_table(results, BASELINES[args.baseline], shape.unpaged_kv_bytes(config)))
     return 0
 
 

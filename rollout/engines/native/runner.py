@@ -5,12 +5,16 @@ but splits attention at `SelfAttention.project_qkv` so that K/V go into the cach
 layout works unchanged: the model's linears and embedding communicate over its tp_group themselves;
 the runner returns vocab-local logits and `full_vocab_logits` all-gathers them (S rows, not S * T).
 
-Decode attention is one query per slot against that slot's cached keys, masked by the slot's own length
-(b, 1, 1, L). GQA without repeating K/V: the group_size query heads that share a kv head are laid out
-as that head's "query positions", q (b, n_kv, group_size, d), one SDPA call for all of them.
+The cache is paged (kv_cache.py): K/V are written to and read from blocks through the block table.
+Decode attention is one query per row against that row's cached keys, masked by the row's own length
+(b, 1, 1, L): on CUDA the split-K kernel reads the blocks in place, elsewhere the keys are gathered
+through the table for SDPA. A prefill chunk after the first (chunked prefill of a long prompt) attends
+to the row's cached prefix the same way. GQA without repeating K/V: the group_size query heads that share
+a kv head are laid out as that head's "query positions", q (b, n_kv, group_size, d), one SDPA call.
 
 CUDA graphs (`CudaGraphDecoder`): the decode forward is captured per (batch rows, kv length) bucket
-and replayed with static input buffers; sampling stays outside the graph.
+and replayed with static input buffers (tokens, positions, and the block table, updated in place between
+steps); sampling stays outside the graph.
 """
 
 from __future__ import annotations
@@ -35,6 +39,17 @@ def decode_mask(positions: torch.Tensor, kv_len: int, sliding_window: int | None
     if sliding_window is not None:
         mask = mask & (positions[:, None] - keys < sliding_window)
     return mask[:, None, None, :]
+
+
+def chunk_mask(start: int, length: int, sliding_window: int | None, device: torch.device) -> torch.Tensor:
+    """Queries at positions [start, start + length) over keys [0, start + length) -> (1, 1, length,
+    start + length) bool, True = may attend: causal, and within the sliding window if any."""
+    queries = torch.arange(start, start + length, device=device)[:, None]  # (T, 1)
+    keys = torch.arange(start + length, device=device)[None, :]  # (1, start + T)
+    mask = keys <= queries
+    if sliding_window is not None:
+        mask = mask & (queries - keys < sliding_window)
+    return mask[None, None]
 
 
 def single_query_attention(
@@ -115,16 +130,24 @@ class ModelRunner:
         return self.model.output_layer(self.model.final_norm(x))
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, last_index: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, T) right-padded prompts, last_index (B,) index of each prompt's last token,
-        slots (B,) their KV-cache slots -> vocab-local logits at the last prompt token (B, V/tp)."""
+    def prefill(
+        self, input_ids: torch.Tensor, last_index: torch.Tensor, rows: torch.Tensor, start: int = 0
+    ) -> torch.Tensor:
+        """input_ids (B, T) right-padded tokens at positions [start, start + T) of the sequences in cache
+        rows (B,) (their blocks allocated); last_index (B,) index in the chunk of each row's last token
+        -> vocab-local logits there (B, V/tp). start > 0 (a later chunk of a long prompt) attends to the
+        row's cached positions [0, start) too, read through the block table."""
         B, T = input_ids.shape
-        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.model.embedding(input_ids, positions)  # (B, T, H)
         rope = self._rope(positions, x.dtype)
-        mask = build_attention_mask(T, None, None, self.sliding_window, x.device)  # None unless a window
+        if start == 0:
+            mask = build_attention_mask(T, None, None, self.sliding_window, x.device)  # None unless a window
+        else:
+            mask = chunk_mask(start, T, self.sliding_window, x.device)
+        index = self.cache.chunk_index(rows, start, T)  # (B * n_kv * T,) cache rows of the chunk's K/V
         for key, layer in self.model.layers.items():
-            x = self._prefill_layer(key, layer, x, rope, mask, slots)
+            x = self._prefill_layer(key, layer, x, rope, mask, rows, index, start)
         x = x[torch.arange(B, device=x.device), last_index]  # (B, H)
         return self._head(x)
 
@@ -135,30 +158,37 @@ class ModelRunner:
         x: torch.Tensor,
         rope: RopeCache | None,
         mask: torch.Tensor | None,
-        slots: torch.Tensor,
+        rows: torch.Tensor,
+        index: torch.Tensor,
+        start: int,
     ) -> torch.Tensor:
         q, k, v = self._prefill_pre(layer, x, rope)  # (B, n_heads, T, d), (B, n_kv, T, d) x2
-        self.cache.write_prompt(key, slots, k, v)
+        self.cache.write(key, index, k, v)
+        if start > 0:  # the cached prefix and this chunk, through the table
+            k, v = self.cache.gather(key, rows, start + k.shape[2])  # (B, n_kv, start + T, d)
         out = prompt_attention(q, k, v, mask, layer.self_attention.group_size)  # (B, n_heads, T, d)
         return self._prefill_post(layer, x, out)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """One token for each of the slots [0, b): tokens (b,) at positions (b,) -> vocab-local logits
-        (b, V/tp). Keys [0, kv_len) are read; kv_len must exceed every position. No host sync."""
+        """One token for each of the rows [0, b): tokens (b,) at positions (b,) -> vocab-local logits
+        (b, V/tp). Keys [0, kv_len) are read through the block table; kv_len must exceed every position.
+        Position -1: a row that sits the step out (its logits are junk, its K/V go to the null block, so
+        a running sample's shared blocks are never touched). No host sync."""
+        index = self.cache.token_index(positions)  # (b * n_kv,) the new token's cache rows
+        positions = positions.clamp(min=0)
         pos = positions[:, None]  # (b, 1)
         x = self.model.embedding(tokens[:, None], pos)  # (b, 1, H)
         rope = self._rope(pos, x.dtype)
         if self.use_flash_decode:
             lengths = positions + 1  # (b,) keys of each row
-            n_kv = self.cache.k[next(iter(self.cache.k))].shape[1]
-            index = self.cache.token_index(positions, n_kv)  # (b * n_kv,) the new token's cache rows
             for key, layer in self.model.layers.items():
                 x = self._decode_layer_fast(key, layer, x, rope, lengths, index, kv_len)
             return self._head(x[:, 0])
         mask = decode_mask(positions, kv_len, self.sliding_window)  # (b, 1, 1, L)
+        rows = torch.arange(x.shape[0], device=x.device)
         for key, layer in self.model.layers.items():
-            x = self._decode_layer(key, layer, x, rope, mask, positions, kv_len)
+            x = self._decode_layer(key, layer, x, rope, mask, rows, index, kv_len)
         return self._head(x[:, 0])
 
     def _decode_layer(
@@ -168,13 +198,14 @@ class ModelRunner:
         x: torch.Tensor,
         rope: RopeCache | None,
         mask: torch.Tensor,
-        positions: torch.Tensor,
+        rows: torch.Tensor,
+        index: torch.Tensor,
         kv_len: int,
     ) -> torch.Tensor:
         attn = layer.self_attention
         q, k, v = attn.project_qkv(layer.input_norm(x), rope)  # (b, n_heads, 1, d), (b, n_kv, 1, d) x2
-        self.cache.write_token(key, positions, k, v)
-        k_all, v_all = self.cache.view(key, x.shape[0], kv_len)  # (b, n_kv, L, d)
+        self.cache.write(key, index, k, v)
+        k_all, v_all = self.cache.gather(key, rows, kv_len)  # (b, n_kv, L, d)
         out = single_query_attention(q, k_all, v_all, mask, attn.group_size)  # (b, n_heads, 1, d)
         return _after_attention(layer, x, out)
 
@@ -193,7 +224,13 @@ class ModelRunner:
         k_flat, v_flat = self.cache.flat(key)
         q = self._pre(layer, x, rope, k_flat, v_flat, index)  # (b, n_heads, 1, d)
         part, lse = flash_decode.split_attention(
-            q[:, :, 0], self.cache.k[key], self.cache.v[key], lengths, kv_len, self.sliding_window
+            q[:, :, 0],
+            self.cache.k[key],
+            self.cache.v[key],
+            self.cache.block_table,
+            lengths,
+            kv_len,
+            self.sliding_window,
         )
         return self._post(layer, x, part, lse)
 
@@ -299,7 +336,7 @@ class CudaGraphDecoder:
         """(rows, kv length) of the graph that serves a decode of num_rows slots reading kv_len keys."""
         cache = self.runner.cache
         return (
-            bucket_at_least(num_rows, cache.num_slots),
+            bucket_at_least(num_rows, cache.num_rows),
             bucket_at_least(kv_len, cache.max_len, self.MIN_KV_BUCKET),
         )
 

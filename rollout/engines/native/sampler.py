@@ -15,7 +15,7 @@ the token was drawn with.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,20 +58,24 @@ def split_key(key: int) -> tuple[int, int]:
     return key & _MASK32, key >> 32
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """logits (S, V) (already temperature-scaled), top_k (S,) int64 (V: off), top_p (S,) fp32 (1: off)
-    -> logits with the filtered-out tokens at -inf. Top-k first, then top-p over the top-k
-    renormalised distribution (vLLM's order); the most likely token is always kept."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (S, V)
+def filter_threshold(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """logits (S, V) raw, temperature (S,) fp32 (0: greedy, read as 1), top_k (S,) int64 (V: off), top_p
+    (S,) fp32 (1: off) -> (S, 1) fp32: the smallest raw logit a row keeps. Top-k first, then top-p over
+    the top-k renormalised distribution at the row's temperature (vLLM's order); the most likely token is
+    always kept. The kept tokens are those whose raw logit is >= the threshold, so tokens tied with the
+    last kept one are kept too (the set does not depend on how a sort orders ties, on any device).
+    Scaling by a positive temperature keeps the order, so the raw logits sort for every temperature."""
+    logits = logits.float()
+    sorted_logits = logits.sort(dim=-1, descending=True).values  # (S, V)
     rank = torch.arange(logits.shape[-1], device=logits.device)
-    keep = rank[None, :] < top_k[:, None]  # (S, V)
-    sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
+    in_top_k = rank[None, :] < top_k[:, None]  # (S, V)
+    scale = torch.where(temperature == 0, 1.0, temperature)[:, None]
+    probs = (sorted_logits / scale).masked_fill(~in_top_k, float("-inf")).softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # (S, V) probability of the more likely tokens
-    keep = keep & (mass_before < top_p[:, None])
-    keep[:, 0] = True
-    sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
+    kept = (in_top_k & (mass_before < top_p[:, None])).sum(dim=-1).clamp(min=1)  # (S,) a prefix
+    return sorted_logits.gather(-1, (kept - 1)[:, None])
 
 
 @dataclass
@@ -152,18 +156,16 @@ def sample(
     HF do). The caller may skip work it knows is not needed: apply_filters=False when no row uses
     top-k/top-p (no vocab sort), any_random=False when every row is greedy (no noise).
 
-    On CUDA without filters the whole draw is one Inductor-compiled function: the fp32 upcast, noise
-    hash, Gumbel argmax and log-sum-exp read the (S, V) logits a few times instead of writing a dozen
-    (S, V) temporaries (each a full pass over memory in eager mode)."""
-    if not (apply_filters and any_random):
-        draw = _compiled_draw() if logits.is_cuda else _draw
-        return draw(logits, rows.temperature, rows.keys, steps, any_random)
-    logits = logits.float()
-    greedy = rows.temperature == 0
-    scaled = logits / torch.where(greedy, 1.0, rows.temperature)[:, None]
-    scaled = filter_top_k_top_p(scaled, rows.top_k, rows.top_p)
-    tokens = torch.where(greedy, logits.argmax(dim=-1), _gumbel_argmax(scaled, rows.keys, steps))
-    return tokens, _raw_logprobs(logits, tokens)
+    On CUDA the draw is one Inductor-compiled function: the fp32 upcast, filter mask, noise hash, Gumbel
+    argmax and log-sum-exp read the (S, V) logits a few times instead of writing a dozen (S, V)
+    temporaries (each a full pass over memory in eager mode). Filters add one eager vocab sort per row
+    before it (`filter_threshold`: sort, softmax, cumsum; Inductor's split cumsum did not compile, torch
+    2.11), reduced to one threshold per row. No host sync either way."""
+    threshold = None
+    if apply_filters and any_random:
+        threshold = filter_threshold(logits, rows.temperature, rows.top_k, rows.top_p)  # (S, 1)
+    draw = _compiled(_draw) if logits.is_cuda else _draw
+    return draw(logits, rows.temperature, rows.keys, steps, any_random, threshold)
 
 
 def _gumbel_argmax(scaled: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -178,23 +180,31 @@ def _raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _draw(
-    logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor, any_random: bool
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    keys: torch.Tensor,
+    steps: torch.Tensor,
+    any_random: bool,
+    threshold: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unfiltered draw: logits (S, V) any float dtype -> tokens (S,) int64, raw logprobs (S,) fp32."""
+    """logits (S, V) any float dtype, threshold (S, 1) raw logits below which a token is filtered out (or
+    None) -> tokens (S,) int64, raw logprobs (S,) fp32."""
     logits = logits.float()
     tokens = logits.argmax(dim=-1)  # (S,)
     if any_random:
         greedy = temperature == 0
         scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+        if threshold is not None:  # compared on raw logits: exact, whatever the division's rounding
+            scaled = scaled.masked_fill(logits < threshold, float("-inf"))
         tokens = torch.where(greedy, tokens, _gumbel_argmax(scaled, keys, steps))
     return tokens, _raw_logprobs(logits, tokens)
 
 
-_COMPILED_DRAW = None
+_COMPILED: dict[Callable, Callable] = {}
 
 
-def _compiled_draw():
-    global _COMPILED_DRAW
-    if _COMPILED_DRAW is None:
-        _COMPILED_DRAW = torch.compile(_draw, dynamic=True)
-    return _COMPILED_DRAW
+def _compiled(draw: Callable) -> Callable:
+    """The Inductor-compiled draw (dynamic over the number of rows), compiled once per process."""
+    if draw not in _COMPILED:
+        _COMPILED[draw] = torch.compile(draw, dynamic=True)
+    return _COMPILED[draw]

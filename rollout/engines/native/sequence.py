@@ -19,11 +19,22 @@ class SampleState:
     prompt: list[int]
     params: SamplingParams
     key: int
-    slot: int = -1
+    slot: int = -1  # its row in the batch and block table while running
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     text: str | None = None  # set when a stop string ended it: the text before the stop string
     text_searched: int = 0  # length of the decoded text already searched for stop strings
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """What admitting it prefills: the prompt, and the tokens it had when preempted."""
+        return self.prompt + self.tokens
+
+    @property
+    def group(self) -> object:
+        """Samples admitted together with the same group share one prefill and its blocks: the samples
+        of a request, unless resumed after preemption (their own tokens follow the prompt)."""
+        return self if self.tokens else self.request
 
     @property
     def next_position(self) -> int:

@@ -11,9 +11,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 B="python3 -m rl.cli bench train --preset llama_1b --seq-len 2048 --micro-batch-size 4 --engine --steps 6 --warmup 3"
 run() { echo "== $*"; timeout "$1" "${@:2}" 2>&1 | grep -v -i -E "warn|^\{" | tail -6; }
 {
+  run 200 python3 -m rl.cli bench grpo --preset llama_370m --prompts 8 --n 8 --prompt-len 64 --new-tokens 256 --steps 3 --warmup 1
   run 150 $B
   run 220 $B --documents 4 --no-baseline --compile
-  run 200 python3 -m rl.cli bench grpo --preset llama_370m --prompts 8 --n 8 --prompt-len 64 --new-tokens 256 --steps 3 --warmup 1
   [ -n "${MORE:-}" ] && run 100 $B --documents 4 --no-baseline --recompute selective
   [ -n "${MORE:-}" ] && timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_recompute_flex.py 2>&1 | tail -3
 } | tee "$OUT/speed.txt"

@@ -20,6 +20,7 @@ normalised by the step's GLOBAL count (all micro-batches, all dp ranks), as Poli
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,22 @@ def value_model_from_lm(
     state["value_head.weight"] = torch.randn(1, config.hidden_size, generator=gen) * config.init_std
     state["value_head.bias"] = torch.zeros(1)
     return value_config, state
+
+
+def init_value_model(
+    init_from: str | Path, seed: int = 0, from_lm: bool = True
+) -> tuple[TransformerConfig, dict[str, torch.Tensor]]:
+    """(config, FULL state) of a value model from anything algorithms.rl_inputs.resolve_init accepts: a
+    value model as is (e.g. an `rl rm` run's reward_model/, the usual start of a PPO critic), or (from_lm)
+    an LM whose output layer value_model_from_lm replaces with a fresh head drawn from `seed`."""
+    from algorithms.rl_inputs import load_init_model, resolve_init
+
+    full = load_init_model(resolve_init(init_from))
+    if full.config.head == "value":
+        return full.config, full.state_dict()
+    if not from_lm:
+        raise InputError(f"{init_from} is a language model, not a value model (head='value')")
+    return value_model_from_lm(full.config, full.state_dict(), seed)
 
 
 class _ValueHeadModel(EngineModel):
@@ -155,6 +172,37 @@ class CriticModel(_ValueHeadModel):
             return loss, {"loss_sum": loss.detach()}
 
         return loss_fn
+
+
+class InProcessCritic:
+    """A CriticModel in this process plus the LR schedule the loop steps once per `train` (as
+    algorithms.inprocess_policy.InProcessPolicy for the policy). Checkpoint layout under `path`: model/ (DCP,
+    any layout) and schedule.pt, the same as rl/workers' CriticWorker, so a run resumes in either."""
+
+    def __init__(self, model: CriticModel, optim: OptimConfig, total_optimizer_steps: int) -> None:
+        from algorithms.schedules import build_scheduler
+
+        self.model = model
+        self.scheduler = build_scheduler(model.engine.optimizer, total_optimizer_steps, optim)
+
+    def values(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.model.values(batch)
+
+    def train(self, batch: Batch) -> dict[str, float]:
+        metrics = self.model.train(batch)
+        self.scheduler.step()
+        return metrics
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save(path / "model")
+        torch.save({"scheduler": self.scheduler.state_dict()}, path / "schedule.pt")
+
+    def load(self, path: str | Path) -> None:
+        path = Path(path)
+        self.model.load(path / "model")
+        self.scheduler.load_state_dict(torch.load(path / "schedule.pt", weights_only=True)["scheduler"])
 
 
 class RewardModel(_ValueHeadModel):

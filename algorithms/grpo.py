@@ -215,6 +215,16 @@ class GRPOConfig(LoopConfig):
     def optimizer_steps_per_step(self) -> int:
         return self.rollout.prompts_per_step * self.rollout.n // self.train.global_batch_size
 
+    @property
+    def policy_optimizer_steps(self) -> int:
+        """Optimizer steps the policy takes in the whole run: the length of its LR schedule."""
+        return self.train.max_steps * self.optimizer_steps_per_step
+
+    @property
+    def uses_reference(self) -> bool:
+        """A reference model is built (and its logprobs computed every step) only for a KL penalty."""
+        return self.algorithm.loss.kl_coef > 0
+
 
 # ---------------------------------------------------------------------------------------------- phases
 
@@ -382,6 +392,9 @@ class GRPOTrainer(Trainer):
         "train/kl",
         "rollout/logprob_gap_max",
     )
+    # Phases 5-7 on the step's batch, in order: each a method batch -> metrics (or None), timed as time/NAME.
+    # A loop on this one (PPO) inserts its own (a critic's values) or replaces them.
+    batch_phases: ClassVar[tuple[str, ...]] = ("logprobs", "advantages", "train")
 
     def __init__(
         self, cfg: GRPOConfig, parts: Components, train_rows: list[Row], eval_rows: list[Row]
@@ -439,7 +452,7 @@ class GRPOTrainer(Trainer):
             return {}
         return logprob_gap(batch["old_logprobs"], batch["sampler_logprobs"], batch["response_mask"])
 
-    def advantages(self, batch: Batch) -> None:
+    def advantages(self, batch: Batch) -> dict[str, float] | None:
         """Phase 6: the configured estimator."""
         batch["advantages"] = advantages_of(batch, self.cfg.algorithm)
 
@@ -451,7 +464,7 @@ class GRPOTrainer(Trainer):
         return {k if "/" in k else f"train/{k}": v for k, v in metrics.items()}
 
     def step(self) -> dict[str, float]:
-        """One GRPO step: phases 1-7; returns the step's metrics."""
+        """One GRPO step: phases 1-4 make the batch, then `batch_phases`; returns the step's metrics."""
         times: dict[str, float] = {}
         start = time.perf_counter()
         rollouts = self.next_prompts()
@@ -462,14 +475,12 @@ class GRPOTrainer(Trainer):
         with timed(times, "score"):
             self.score(rollouts)
         batch = build_batch(rollouts.results, rollouts.scores, self.pad_id)
-        with timed(times, "logprobs"):
-            gap = self.logprobs(batch)
-        with timed(times, "advantages"):
-            self.advantages(batch)
-        with timed(times, "train"):
-            train_metrics = self.train(batch)
+        metrics = rollout_metrics(batch, rollouts.scores, rollouts.results)
+        for phase in self.batch_phases:
+            with timed(times, phase):
+                metrics.update(getattr(self, phase)(batch) or {})
         times["time/step"] = time.perf_counter() - start
-        return {**rollout_metrics(batch, rollouts.scores, rollouts.results), **gap, **train_metrics, **times}
+        return {**metrics, **times}
 
     @property
     def pad_id(self) -> int:
@@ -683,14 +694,13 @@ def build_policy(cfg: GRPOConfig, model: Any, device: torch.device) -> Any:
     from algorithms.inprocess_policy import InProcessPolicy
     from core.utils.device import param_dtype
 
-    total = cfg.train.max_steps * cfg.optimizer_steps_per_step
     dtype = param_dtype(cfg.precision, device)
     return InProcessPolicy(
         model,
         cfg.optim,
         cfg.algorithm.loss,
         cfg.train.micro_batch_size,
-        total,
+        cfg.policy_optimizer_steps,
         device,
         dtype,
         temperature=logprob_temperature(cfg),
@@ -706,7 +716,7 @@ def logprob_temperature(cfg: GRPOConfig) -> float:
 
 def needs_reference(cfg: GRPOConfig) -> bool:
     """A reference model is built (and its logprobs computed every step) only for a KL penalty."""
-    return cfg.algorithm.loss.kl_coef > 0
+    return cfg.uses_reference
 
 
 def build_reference(cfg: GRPOConfig, model: Any, device: torch.device) -> Any:
@@ -750,7 +760,7 @@ def build_generator(
     return engine, lambda version: refit_engine(engine, policy.hf_weights(), version), False
 
 
-def check_for_run(cfg: GRPOConfig) -> Inputs:
+def check_for_run(cfg: GRPOConfig, stage: str = "grpo") -> Inputs:
     """Every input before anything is written: the single-process checks (check_inputs refuses parallel
     layouts: one process has none), on Ray the layout against the model, and what run.dir already holds."""
     from algorithms.rl_inputs import init_config
@@ -764,7 +774,7 @@ def check_for_run(cfg: GRPOConfig) -> Inputs:
         check_compile_layout(cfg.parallel)
     if cfg.on_ray and cfg.parallel.world_size > 1:
         cfg.parallel.check_model(config)
-    check_resume(cfg.run.dir, GRPOTrainer.stage, config, len(inputs.train_rows))
+    check_resume(cfg.run.dir, stage, config, len(inputs.train_rows))
     return inputs
 
 

@@ -291,6 +291,14 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return (log_r.exp() - log_r - 1.0).clamp(max=K3_MAX)
 
 
+def adaptive_kl_coef(coef: float, current_kl: float, target: float, horizon: float, n_steps: int) -> float:
+    """The adaptive KL coefficient's next value (Ziegler et al. 2019, sec. 2.2; verl's AdaptiveKLController):
+    coef * (1 + clip(current_kl / target - 1, -0.2, 0.2) * n_steps / horizon). current_kl: the KL the
+    penalty measured this step; n_steps: the samples it was measured on (the batch size)."""
+    error = min(max(current_kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n_steps / horizon)
+
+
 # ---- value loss -----------------------------------------------------------------------------------------
 
 
@@ -322,3 +330,15 @@ def value_loss(
         "value_error": masked_mean(err.detach(), response_mask),
     }
     return aggregate(0.5 * loss_tok, response_mask, agg_mode, global_count), metrics
+
+
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens (float64 scalar): 1 when the values
+    predict the returns, 0 for a constant prediction, negative when worse than one; 0 without variance."""
+    mask = response_mask.bool()
+    target, error = returns[mask].double(), (returns - values)[mask].double()
+    if target.numel() < 2 or target.var() == 0:
+        return torch.zeros((), dtype=torch.float64)
+    return 1.0 - error.var() / target.var()

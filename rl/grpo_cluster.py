@@ -45,14 +45,14 @@ class ClusterRunError(RuntimeError):
     """The run stopped on a worker failure it could not (or may not) recover from. One line: the role,
     the rank, what happened, and how to resume."""
 
-    def __init__(self, error: WorkerGroupError, restarts: int, resume: str) -> None:
+    def __init__(self, error: WorkerGroupError, restarts: int, resume: str, stage: str = "grpo") -> None:
         self.role, self.rank = error.role, error.rank
         reason = str(error).split("; rerun the same command")[0]
         if not error.recoverable:
             why = "an error in the worker's code: a restart would repeat it"
         else:
             why = f"{restarts} restart(s) used, failure.max_restarts reached"
-        super().__init__(f"grpo stopped: {reason} ({why}). To resume: {resume}")
+        super().__init__(f"{stage} stopped: {reason} ({why}). To resume: {resume}")
 
 
 class ClusterRun:
@@ -60,7 +60,13 @@ class ClusterRun:
     trains to train.max_steps under the failure policy; `shutdown` releases everything.
 
     resume_command: what to tell the user to run to resume (default: "rerun the same command ...").
+    A loop on GRPO's (rl/ppo_cluster.py) subclasses it: its trainer, its checks, more roles.
     """
+
+    trainer_cls: type[GRPOTrainer] = GRPOTrainer
+    layout_roles: tuple[str, ...] = ("policy", "reference")  # groups laid out as `parallel` (tp x pp x dp)
+    # disaggregated: these share the policy's pool unless placement.pools gives them their own
+    guest_roles: tuple[str, ...] = ("reference", "reward_model")
 
     def __init__(self, cfg: ClusterGRPOConfig, resume_command: str | None = None) -> None:
         self.cfg = cfg
@@ -78,14 +84,13 @@ class ClusterRun:
     # ---- set-up ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        from algorithms.grpo import check_for_run
         from core.config import dump_config
         from rl.cluster import init_run_ray
         from rl.training import check_ray_layout
 
         cfg = self.cfg
-        self.inputs = check_for_run(cfg)  # every input and the layout, before Ray or any worker starts
-        worlds = {role: cfg.parallel.world_size for role in ("policy", "reference") if role in self._roles()}
+        self.inputs = self._check()  # every input and the layout, before Ray or any worker starts
+        worlds = {role: cfg.parallel.world_size for role in self.layout_roles if role in self._roles()}
         check_ray_layout(cfg.cluster_placement, cfg.ray, worlds)
         run_dir = Path(cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -96,10 +101,15 @@ class ClusterRun:
             self.parts = self._components()
         except WorkerGroupError as error:  # a worker died or hung while starting
             self.shutdown()
-            raise ClusterRunError(error, 0, self.resume_command) from error
+            raise ClusterRunError(error, 0, self.resume_command, self.trainer_cls.stage) from error
         except BaseException:
             self.shutdown()
             raise
+
+    def _check(self) -> Inputs:
+        from algorithms.grpo import check_for_run
+
+        return check_for_run(self.cfg)
 
     def _roles(self) -> list[str]:
         from algorithms.grpo import needs_reference
@@ -118,7 +128,7 @@ class ClusterRun:
 
         placement, roles = self.cfg.cluster_placement, self._roles()
         # Disaggregated: the reference and the reward model share the policy's pool unless given their own.
-        guests = [r for r in ("reference", "reward_model") if r in roles and r not in placement.pools]
+        guests = [r for r in self.guest_roles if r in roles and r not in placement.pools]
         if placement.mode == "colocated" or not guests:
             placed = build_pools(placement, roles)
         else:
@@ -142,7 +152,7 @@ class ClusterRun:
             optim=cfg.optim,
             precision=cfg.precision,
             micro_batch_size=cfg.train.micro_batch_size,
-            total_optimizer_steps=cfg.train.max_steps * cfg.optimizer_steps_per_step,
+            total_optimizer_steps=cfg.policy_optimizer_steps,
             seed=cfg.train.seed,
             temperature=logprob_temperature(cfg),  # trainer / reference logprobs at the sampling one
             engine=self._engine_spec() if with_engine else None,
@@ -170,7 +180,7 @@ class ClusterRun:
     def _group(self, worker_cls: type, placed: RolePlacement, world: int, name: str, *args: Any, **kw: Any):
         from core.parallel.dims import ParallelDims
 
-        dims = self.cfg.parallel.dims() if name in ("policy", "reference") else ParallelDims(world_size=world)
+        dims = self.cfg.parallel.dims() if name in self.layout_roles else ParallelDims(world_size=world)
         return WorkerGroup(
             worker_cls,
             placed.pool,
@@ -291,28 +301,29 @@ class ClusterRun:
 
     def run(self) -> dict[str, float]:
         """start (if not yet), fit under the failure policy, export hf/, shut down."""
-        from algorithms.grpo import GRPOTrainer
-
         if self.parts is None:
             self.start()
         try:
             metrics = self._fit()
         finally:
             self.shutdown()
-        GRPOTrainer.plot_run(Path(self.cfg.run.dir))
+        self.trainer_cls.plot_run(Path(self.cfg.run.dir))
         return metrics
 
     def _fit(self) -> dict[str, float]:
         inputs = self.inputs
         while True:
             try:
-                trainer = GRPOTrainer(self.cfg, self.parts, inputs.train_rows, inputs.eval_rows)  # resumes
+                # resumes from the newest checkpoint in run.dir
+                trainer = self.trainer_cls(self.cfg, self.parts, inputs.train_rows, inputs.eval_rows)
                 metrics = trainer.fit()
                 trainer.export()
                 return metrics
             except WorkerGroupError as error:
                 if not error.recoverable or self.restarts >= self.cfg.failure.max_restarts:
-                    raise ClusterRunError(error, self.restarts, self.resume_command) from error
+                    raise ClusterRunError(
+                        error, self.restarts, self.resume_command, self.trainer_cls.stage
+                    ) from error
                 self.restarts += 1
                 logger.warning(
                     "%s; restart %d of %d from the newest checkpoint",
@@ -332,7 +343,9 @@ class ClusterRun:
             if self._transport is not None:
                 self._transport.connect()
         except WorkerGroupError as error:
-            raise ClusterRunError(error, self.restarts, self.resume_command) from error
+            raise ClusterRunError(
+                error, self.restarts, self.resume_command, self.trainer_cls.stage
+            ) from error
 
     def shutdown(self) -> None:
         from rl.cluster import shutdown_ray

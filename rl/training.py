@@ -115,6 +115,38 @@ TRAINING_COMMANDS: dict[str, TrainingCommand] = {
             run="rl.grpo_cluster:run_grpo_any",
             summary=("reward/", "eval/"),
         ),
+        TrainingCommand(
+            "ppo",
+            "RL fine-tuning with PPO: a critic, GAE and the KL to the reference in the reward",
+            "Train a policy with PPO (RLHF): sample rollout.n responses per prompt, score them (a verifier, a "
+            "reward model from `rl rm`, or a verifier plus environment.reward_model.weight x a reward "
+            "model), subtract algorithm.kl_in_reward.coef x KL(policy || reference) per token (fixed, or "
+            "adaptive with kl_in_reward.target), estimate advantages with GAE (algorithm.gamma, .lam) on a "
+            "critic's values, then train critic and policy for algorithm.ppo_epochs passes of mini-batches "
+            "of train.global_batch_size sequences (critic.warmup: steps that train only the critic).\n\n"
+            "CONFIG is a YAML recipe (see configs/ppo_tiny.yaml, which starts from `rl pretrain "
+            "configs/pretrain_tiny.yaml` and `rl rm configs/rm_tiny.yaml`). " + _COMMON + "\n"
+            "PPO with parallel.* > 1 always runs on Ray; the critic is a worker group of its own, on the "
+            "policy's pool unless given one:\n"
+            "  placement: {mode: disaggregated, pools: {policy: 1, generation: 1, critic: 1}}",
+            "algorithms.ppo:PPOConfig",
+            run="rl.ppo_cluster:run_ppo_any",
+            summary=("reward/", "eval/"),
+        ),
+        TrainingCommand(
+            "quantize",
+            "post-training quantization with ModelOpt (fp8, int8_sq, int4_awq; w4a8_awq, nvfp4 on CUDA)",
+            "Quantize a model with NVIDIA ModelOpt: calibrate quantize.formats on calibration.num_samples "
+            "documents (calibration.path: text, prompt/completion or chat rows; or calibration.synthetic), "
+            "evaluate held-out accuracy and perplexity before and after, and write per format "
+            "run.dir/FORMAT/hf/ (ModelOpt's unified HF checkpoint, which serving engines load) and "
+            "run.dir/FORMAT/modelopt_state.pth (mto.save of the fake-quantized model), with the table in "
+            "run.dir/report.md. Runs in this process.\n\nCONFIG is a YAML recipe (see "
+            "configs/quantize_tiny.yaml, which starts from `rl pretrain configs/pretrain_tiny.yaml`).",
+            "algorithms.quantize:QuantizeConfig",
+            run="algorithms.quantize:run_quantize",
+            summary=("quantize/",),
+        ),
     ]
 }
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
+from tiny_pretrain import ROOT, TINY, fast
 
 from algorithms.pretrain import PretrainConfig, PretrainTrainer
 from core.checkpoint import checkpointer
@@ -32,25 +33,7 @@ from core.errors import StorageError
 from core.utils.metrics import read_metrics
 from rl.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs/pretrain_tiny.yaml"
-FAST = [
-    "model.hidden_size=64",
-    "model.num_attention_heads=2",
-    "model.num_kv_heads=1",
-    "model.ffn_hidden_size=128",
-    "data.seq_len=32",
-    "data.synthetic.n_train=2000",
-    "data.synthetic.n_eval=10",
-    "eval.num_problems=5",
-    "train.global_batch_size=16",
-    "train.micro_batch_size=8",
-    "train.log_every=1",
-    "train.eval_every=0",
-    "train.progress_bar=false",
-    "train.device=cpu",
-    "optim.warmup_steps=2",
-]
+FAST = fast(**{"data.synthetic.n_eval": 10, "eval.num_problems": 5, "train.device": "cpu"})
 GiB = 2**30
 
 

@@ -16,33 +16,15 @@ import uuid
 from pathlib import Path
 
 import pytest
+from tiny_pretrain import ROOT, TINY, fast
 
 from core.errors import InputError
 from core.parallel.heartbeat import Fault, HangPolicy, RankBeat, find_hang
 from core.utils.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs/pretrain_tiny.yaml"
-FAST = [
-    "model.hidden_size=64",
-    "model.num_attention_heads=2",
-    "model.num_kv_heads=1",
-    "model.ffn_hidden_size=128",
-    "data.seq_len=32",
-    "data.synthetic.n_train=2000",
-    "data.synthetic.n_eval=50",
-    "eval.num_problems=20",
-    "train.global_batch_size=16",
-    "train.micro_batch_size=8",
-    "train.log_every=1",
-    "train.eval_every=0",
-    "train.progress_bar=false",
-    "optim.warmup_steps=2",
-    "train.max_steps=6",
-    "train.save_every=2",
-    "parallel.dp=2",
-    "failure.hang_timeout_s=6",
-]
+FAST = fast(
+    **{"train.max_steps": "6", "train.save_every": "2", "parallel.dp": "2", "failure.hang_timeout_s": "6"}
+)
 MARKER = "TANDEM_TEST_RUN"  # set in the command's environment; every process it starts inherits it
 
 

@@ -13,30 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_pretrain import FAST, ROOT, TINY
 
 from algorithms.pretrain import PretrainConfig, Trainer, run_pretrain
 from core.utils.metrics import read_metrics
 from rl.config import load_config
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs/pretrain_tiny.yaml"
-# Small enough for a few seconds per run on 2 cores; same code paths as the demo.
-FAST = [
-    "model.hidden_size=64",
-    "model.num_attention_heads=2",
-    "model.num_kv_heads=1",
-    "model.ffn_hidden_size=128",
-    "data.seq_len=32",
-    "data.synthetic.n_train=2000",
-    "data.synthetic.n_eval=50",
-    "eval.num_problems=20",
-    "train.global_batch_size=16",
-    "train.micro_batch_size=8",
-    "train.log_every=1",
-    "train.eval_every=0",
-    "train.progress_bar=false",
-    "optim.warmup_steps=2",
-]
 
 
 def rl_pretrain(run_dir: Path, *overrides: str) -> subprocess.Popen:

@@ -13,23 +13,10 @@ from typing import Any
 
 import torch
 
-from algorithms.critic import CriticModel, RewardModel, value_model_from_lm
-from core.errors import InputError
+from algorithms.critic import CriticModel, RewardModel, init_value_model
 from rl.cluster.worker import Worker
 from rl.workers.specs import CriticSpec, RewardModelSpec
 from rl.workers.trainable import TrainedModelMixin
-
-
-def _init_value_model(init_from: str, seed: int, from_lm: bool) -> tuple[Any, dict[str, torch.Tensor]]:
-    """(config, FULL state) of a value model from `init_from` (every rank reads it, keeps its shard)."""
-    from algorithms.rl_inputs import load_init_model, resolve_init
-
-    full = load_init_model(resolve_init(init_from))
-    if full.config.head == "value":
-        return full.config, full.state_dict()
-    if not from_lm:
-        raise InputError(f"{init_from} is a language model, not a value model (head='value')")
-    return value_model_from_lm(full.config, full.state_dict(), seed)
 
 
 class CriticWorker(TrainedModelMixin, Worker):
@@ -48,7 +35,7 @@ class CriticWorker(TrainedModelMixin, Worker):
 
         self.model = None  # a restart rebuilds on the new groups
         torch.manual_seed(self.spec.seed)
-        config, state = _init_value_model(self.spec.init_from, self.spec.seed, from_lm=True)
+        config, state = init_value_model(self.spec.init_from, self.spec.seed, from_lm=True)
         self.model = CriticModel.build(
             config,
             state,
@@ -81,7 +68,7 @@ class RewardModelWorker(Worker):
         from core.utils.device import param_dtype
 
         self.model = None
-        config, state = _init_value_model(self.spec.init_from, 0, from_lm=False)
+        config, state = init_value_model(self.spec.init_from, 0, from_lm=False)
         self.model = RewardModel.build(
             config,
             state,

@@ -81,7 +81,10 @@ def _broadcast(per_seq: torch.Tensor, response_mask: torch.Tensor) -> torch.Tens
 
 
 def _group_stats(scores: torch.Tensor, group_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per-sample (group size, group mean, unbiased group std) of the sample's group, each (B,)."""
+    """Per-sample (group size, group mean, unbiased group std) of the sample's group, each (B,), in fp64:
+    in fp32 a group whose rewards are all 0.6 gets a mean off by ~1e-8 and a std of ~1e-8, and dividing
+    one by the other gives advantages of ~0.06 where they must be 0."""
+    scores = scores.to(torch.float64)
     _, inverse = torch.unique(group_index, return_inverse=True)
     n_groups = int(inverse.max()) + 1
     count = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device).index_add_(
@@ -107,7 +110,7 @@ def grpo(
     norm_by_std=False is Dr. GRPO (Liu et al. 2025): r_i - mean only, no per-prompt scaling. A group of
     one sample has no baseline: mean 0 and std 1 (verl's convention), so A = r. Returns (A, A).
     """
-    scores = sequence_scores(rewards, response_mask)
+    scores = sequence_scores(rewards, response_mask).to(torch.float64)
     count, mean, std = _group_stats(scores, group_index)
     single = count < 2
     mean = torch.where(single, 0.0, mean)
@@ -124,7 +127,7 @@ def rloo(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RLOO (Ahmadian et al. 2024): A_i = r_i - mean of the OTHER samples of its group
     = n / (n - 1) * (r_i - group mean). A group of one sample gets A = r. Returns (A, A)."""
-    scores = sequence_scores(rewards, response_mask)
+    scores = sequence_scores(rewards, response_mask).to(torch.float64)
     count, mean, _ = _group_stats(scores, group_index)
     adv = torch.where(count < 2, scores, count / (count - 1).clamp(min=1) * (scores - mean))
     adv_tok = _broadcast(adv, response_mask)

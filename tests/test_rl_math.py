@@ -373,3 +373,16 @@ def test_masked_whiten_and_compute_advantages_errors() -> None:
         compute_advantages("gae", x, mask, values=x, lamda=0.9)
     with pytest.raises(KeyError, match="did you mean 'grpo'"):
         compute_advantages("gpro", x, mask)
+
+
+@pytest.mark.parametrize("name", ["grpo", "rloo"])
+def test_group_of_equal_rewards_gets_zero_advantages(name):
+    """Group statistics in fp64: eight rewards of 0.6 (not exact in binary) give advantages of exactly 0.
+    In fp32 the mean is off by ~1e-8 and the std is ~1e-8, so GRPO's normalised advantages reached 0.056."""
+    rewards = torch.tensor([0.6] * 8 + [0.1, 0.9, 0.5, 0.5, 0.3, 0.7, 0.2, 0.8])
+    mask = torch.ones(16, 4)
+    groups = torch.arange(16) // 8
+    adv, _ = compute_advantages(name, rewards, mask, group_index=groups)
+    assert adv.dtype == torch.float32
+    assert torch.equal(adv[:8], torch.zeros(8, 4))
+    assert adv[8:].abs().max() > 0.1  # the other group still learns

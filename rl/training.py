@@ -147,6 +147,20 @@ TRAINING_COMMANDS: dict[str, TrainingCommand] = {
             run="algorithms.quantize:run_quantize",
             summary=("quantize/",),
         ),
+        TrainingCommand(
+            "quantize",
+            "post-training quantization with ModelOpt (fp8, int8_sq, int4_awq; w4a8_awq, nvfp4 on CUDA)",
+            "Quantize a model with NVIDIA ModelOpt: calibrate quantize.formats on calibration.num_samples "
+            "documents (calibration.path: text, prompt/completion or chat rows; or calibration.synthetic), "
+            "evaluate held-out accuracy and perplexity before and after, and write per format "
+            "run.dir/FORMAT/hf/ (ModelOpt's unified HF checkpoint, which serving engines load) and "
+            "run.dir/FORMAT/modelopt_state.pth (mto.save of the fake-quantized model), with the table in "
+            "run.dir/report.md. Runs in this process.\n\nCONFIG is a YAML recipe (see "
+            "configs/quantize_tiny.yaml, which starts from `rl pretrain configs/pretrain_tiny.yaml`).",
+            "algorithms.quantize:QuantizeConfig",
+            run="algorithms.quantize:run_quantize",
+            summary=("quantize/",),
+        ),
     ]
 }
 

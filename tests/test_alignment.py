@@ -29,21 +29,9 @@ def evals(run_dir: Path, key: str) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
+def base(tiny_pretrain_400) -> Path:
     """The tiny pretrain, stopped early (~80% held-out greedy accuracy): room to improve, wrong samples."""
-    run_dir = tmp_path_factory.mktemp("align") / "pretrain"
-    code = rl(
-        "pretrain",
-        str(ROOT / "configs/pretrain_tiny.yaml"),
-        f"run.dir={run_dir}",
-        "train.max_steps=400",
-        "train.eval_every=0",
-        "train.save_every=400",
-        "train.log_every=100",
-        *QUIET,
-    )
-    assert code == 0
-    return run_dir / "checkpoints" / "step_400"
+    return tiny_pretrain_400 / "checkpoints" / "step_400"
 
 
 @pytest.mark.slow

@@ -433,25 +433,14 @@ def test_rl_ppo_end_to_end_then_resume_gives_the_same_continuation(pretrained, t
 
 
 @pytest.fixture(scope="module")
-def base_and_reward_model(tmp_path_factory) -> tuple[Path, Path]:
+def base_and_reward_model(tmp_path_factory, tiny_pretrain_400) -> tuple[Path, Path]:
     """The tiny pretrain stopped at step 400 (~70% held-out greedy accuracy, as configs/ppo_tiny.yaml
     starts from) and configs/rm_tiny.yaml's reward model on it, as a user runs them first."""
     from rl.cli import main
 
     root = tmp_path_factory.mktemp("ppo_e2e")
     quiet = ["train.progress_bar=false", "train.eval_every=0"]
-    pretrain = ["train.max_steps=400", "train.save_every=400", "train.log_every=100"]
-    code = main(
-        [
-            "pretrain",
-            str(ROOT / "configs/pretrain_tiny.yaml"),
-            f"run.dir={root / 'pretrain'}",
-            *pretrain,
-            *quiet,
-        ]
-    )
-    assert code == 0
-    base = root / "pretrain" / "checkpoints" / "step_400"
+    base = tiny_pretrain_400 / "checkpoints" / "step_400"
     rm = [
         "rm",
         str(ROOT / "configs/rm_tiny.yaml"),

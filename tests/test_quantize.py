@@ -79,19 +79,15 @@ def test_missing_or_empty_calibration_data_stops_before_writing(random_model, tm
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
+def pretrained(tiny_pretrain_400) -> Path:
     """The tiny pretrain, shortened: it answers a good share of the held-out sums."""
-    run_dir = tmp_path_factory.mktemp("quantize") / "pretrain"
-    argv = ["pretrain", str(ROOT / "configs/pretrain_tiny.yaml"), f"run.dir={run_dir}", "train.max_steps=300"]
-    argv += ["train.eval_every=0", "train.save_every=300", "train.log_every=100", "train.progress_bar=false"]
-    assert main(argv) == 0
-    return run_dir
+    return tiny_pretrain_400
 
 
 @pytest.fixture(scope="module")
 def quantized(pretrained, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("quantize") / "ptq"
-    argv = [f"run.dir={run_dir}", f"model.init_from={pretrained / 'checkpoints/step_300'}"]
+    argv = [f"run.dir={run_dir}", f"model.init_from={pretrained / 'checkpoints/step_400'}"]
     argv += [f"calibration.path={pretrained / 'data/train.jsonl'}", "calibration.num_samples=64"]
     argv += [f"eval.path={pretrained / 'data/eval.jsonl'}", "eval.num_rows=48"]
     assert main(["quantize", CONFIG, *argv, f"quantize.formats=[{','.join(CPU_FORMATS)}]"]) == 0

@@ -250,9 +250,10 @@ class EngineTrainer(Trainer):
         return sum(correct) / len(rows)
 
     def greedy_generate(
-        self, prompts: list[list[int]], max_tokens: int, eos_ids: list[int]
+        self, prompts: list[list[int]], max_tokens: int, eos_ids: list[int], temperature: float = 0.0
     ) -> list[list[int]]:
-        """Greedy completions (token ids, EOS dropped) through the native engine, at any layout.
+        """Greedy completions (token ids, EOS dropped) through the native engine, at any layout; sampled at
+        `temperature` when it is > 0 (on-policy distillation).
 
         pp = 1: every rank runs the engine on its own training chunk (tp ranks together, no copy).
         pp > 1: the whole model is gathered to rank 0, which generates; other ranks return [].
@@ -280,7 +281,7 @@ class EngineTrainer(Trainer):
             )
         engine = self._engine_for_eval
         was_training = [c.training for c in self.engine.chunks]
-        params = SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens)
+        params = SamplingParams(n=1, temperature=temperature, max_tokens=max_tokens)
         try:
             results = engine.generate(
                 [GenerationRequest(p, params, request_id=str(i)) for i, p in enumerate(prompts)]
@@ -315,6 +316,28 @@ def next_token_loss(tp_group, n_tokens: torch.Tensor):
 
 def round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
+
+
+def right_padded_batch(
+    rows: list[list[int]], masks: list[list[int]], multiple: int
+) -> dict[str, torch.Tensor]:
+    """Full sequences (ids, target mask per token) as one next-token batch of B rows, right-padded with id 0
+    (loss 0 there, which causal attention never lets earlier tokens see) to T positions, a multiple of
+    `multiple`: input_ids, labels, loss_mask, position_ids, segment_ids (B, T)."""
+    width = round_up(max(map(len, rows)) - 1, multiple) + 1
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width - 1)
+    for i, (r, m) in enumerate(zip(rows, masks, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r) - 1] = torch.tensor(m[1:], dtype=torch.float32)
+    B, T = ids.shape[0], width - 1
+    return {
+        "input_ids": ids[:, :-1],
+        "labels": ids[:, 1:],
+        "loss_mask": mask,
+        "position_ids": torch.arange(T).expand(B, T),
+        "segment_ids": torch.zeros(B, T, dtype=torch.long),
+    }
 
 
 class PackedLMTrainer(EngineTrainer):
@@ -374,35 +397,26 @@ class PackedLMTrainer(EngineTrainer):
         return extras
 
     def held_out_loss(self, rows: list[list[int]], masks: list[list[int]]) -> float:
-        """Mean token loss of full sequences (ids, target mask per token) at any layout: right-padded
-        (loss 0 on padding, which causal attention never lets earlier tokens see), split into pp
-        micro-batches so any schedule can run them."""
-        tok_pad = 0
-        width = round_up(max(map(len, rows)) - 1, 2 * self.cfg.parallel.cp) + 1
-        ids = torch.full((len(rows), width), tok_pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), width - 1)
-        for i, (r, m) in enumerate(zip(rows, masks, strict=True)):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r) - 1] = torch.tensor(m[1:], dtype=torch.float32)
-        B, T = ids.shape[0], width - 1
-        batch = {
-            "input_ids": ids[:, :-1],
-            "labels": ids[:, 1:],
-            "loss_mask": mask,
-            "position_ids": torch.arange(T).expand(B, T),
-            "segment_ids": torch.zeros(B, T, dtype=torch.long),
-        }
-        parts = min(B, self.cfg.parallel.pp)
-        mbs = [
-            {k: v[idx].to(self.device) for k, v in batch.items()}
-            for idx in torch.arange(B).tensor_split(parts)
-        ]
-        # Every dp rank evaluates the same rows: divide the dp-summed loss by dp as well.
-        total = float(mask.sum()) * (self.groups.dp_size if self.groups else 1)
+        """Mean token loss of full sequences (ids, target mask per token) at any layout."""
+        mbs, total = self.held_out_micro_batches(rows, masks)
         loss_sum = self.engine.forward_only(
             mbs, next_token_loss(self.tp_group, torch.tensor(1.0)), "loss_sum"
         )
         return loss_sum / max(total, 1.0)
+
+    def held_out_micro_batches(
+        self, rows: list[list[int]], masks: list[list[int]]
+    ) -> tuple[list[dict[str, torch.Tensor]], float]:
+        """(the sequences right-padded (right_padded_batch) and split into pp micro-batches so any schedule
+        can run them, their target-token count times dp): every dp rank evaluates the same rows and
+        forward_only sums over dp, so a mean divides the sum by that count."""
+        batch = right_padded_batch(rows, masks, 2 * self.cfg.parallel.cp)
+        B = batch["input_ids"].shape[0]
+        mbs = [
+            {k: v[idx].to(self.device) for k, v in batch.items()}
+            for idx in torch.arange(B).tensor_split(min(B, self.cfg.parallel.pp))
+        ]
+        return mbs, float(batch["loss_mask"].sum()) * (self.groups.dp_size if self.groups else 1)
 
     def setup_batches(self, dataset: Any, seq_len: int) -> None:
         """This dp rank's resumable micro-batches of the packed dataset, and the throughput counters."""

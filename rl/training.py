@@ -76,6 +76,33 @@ TRAINING_COMMANDS: dict[str, TrainingCommand] = {
             summary=("train/loss", "eval/"),
         ),
         TrainingCommand(
+            "distill",
+            "knowledge distillation: a student learns a frozen teacher's token distributions",
+            "Distill a teacher into a student (smaller, same tokenizer): forward KL, reverse KL or "
+            "generalized JSD (algorithm.loss, .beta) at algorithm.temperature, optionally on the teacher's "
+            "algorithm.top_k logits, plus algorithm.hard_label_weight x cross-entropy; off-policy on chat or "
+            "prompt/completion data, on-policy (GKD) on the student's own samples for "
+            "algorithm.on_policy_frac of the steps. Logs eval/kl (to the teacher) and eval/accuracy.\n\n"
+            "CONFIG is a YAML recipe (see configs/distill_tiny.yaml, whose teacher is `rl pretrain "
+            "configs/pretrain_tiny.yaml`). " + _COMMON,
+            "algorithms.distill:DistillConfig",
+            "algorithms.distill:check_for_run",
+            trainer="algorithms.distill:DistillTrainer",
+            summary=("train/divergence", "eval/"),
+        ),
+        TrainingCommand(
+            "prune",
+            "structured pruning (Minitron): a smaller model cut by activation importance",
+            "Prune a trained model to a smaller shape (target.num_layers, .hidden_size, .ffn_hidden_size, "
+            ".num_attention_heads), keeping the layers, heads, MLP channels and embedding channels that "
+            "matter most on calibration rows (the SFT data formats). Writes model/ (our format, a "
+            "model.init_from source for any stage, e.g. `rl distill` with the original as teacher) and hf/.\n\n"
+            "CONFIG is a YAML recipe (see configs/prune_tiny.yaml).",
+            "algorithms.prune:PruneConfig",
+            run="algorithms.prune:run_prune",
+            summary=("prune/",),
+        ),
+        TrainingCommand(
             "dpo",
             "preference optimisation: DPO, IPO, robust/conservative DPO, SimPO, RPO",
             "Align a model on preference pairs (prompt, chosen, rejected; text or chat messages) with DPO or "
@@ -132,20 +159,6 @@ TRAINING_COMMANDS: dict[str, TrainingCommand] = {
             "algorithms.ppo:PPOConfig",
             run="rl.ppo_cluster:run_ppo_any",
             summary=("reward/", "eval/"),
-        ),
-        TrainingCommand(
-            "quantize",
-            "post-training quantization with ModelOpt (fp8, int8_sq, int4_awq; w4a8_awq, nvfp4 on CUDA)",
-            "Quantize a model with NVIDIA ModelOpt: calibrate quantize.formats on calibration.num_samples "
-            "documents (calibration.path: text, prompt/completion or chat rows; or calibration.synthetic), "
-            "evaluate held-out accuracy and perplexity before and after, and write per format "
-            "run.dir/FORMAT/hf/ (ModelOpt's unified HF checkpoint, which serving engines load) and "
-            "run.dir/FORMAT/modelopt_state.pth (mto.save of the fake-quantized model), with the table in "
-            "run.dir/report.md. Runs in this process.\n\nCONFIG is a YAML recipe (see "
-            "configs/quantize_tiny.yaml, which starts from `rl pretrain configs/pretrain_tiny.yaml`).",
-            "algorithms.quantize:QuantizeConfig",
-            run="algorithms.quantize:run_quantize",
-            summary=("quantize/",),
         ),
         TrainingCommand(
             "quantize",

@@ -97,7 +97,7 @@ TRAINING_COMMANDS: dict[str, TrainingCommand] = {
             ".num_attention_heads), keeping the layers, heads, MLP channels and embedding channels that "
             "matter most on calibration rows (the SFT data formats). Writes model/ (our format, a "
             "model.init_from source for any stage, e.g. `rl distill` with the original as teacher) and hf/.\n\n"
-            "CONFIG is a YAML recipe (see configs/prune_tiny.yaml).",
+            "CONFIG is a YAML recipe (see configs/prune_tiny.yaml). Runs in this process (no placement).",
             "algorithms.prune:PruneConfig",
             run="algorithms.prune:run_prune",
             summary=("prune/",),
@@ -168,7 +168,8 @@ TRAINING_COMMANDS: dict[str, TrainingCommand] = {
             "evaluate held-out accuracy and perplexity before and after, and write per format "
             "run.dir/FORMAT/hf/ (ModelOpt's unified HF checkpoint, which serving engines load) and "
             "run.dir/FORMAT/modelopt_state.pth (mto.save of the fake-quantized model), with the table in "
-            "run.dir/report.md. Runs in this process.\n\nCONFIG is a YAML recipe (see "
+            "run.dir/report.md. Runs in this process (no placement; parallel.* and placement are refused).\n\n"
+            "CONFIG is a YAML recipe (see "
             "configs/quantize_tiny.yaml, which starts from `rl pretrain configs/pretrain_tiny.yaml`).",
             "algorithms.quantize:QuantizeConfig",
             run="algorithms.quantize:run_quantize",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import operator
+import os
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -196,7 +197,9 @@ def _write_problems(path: Path, problems: list[ArithmeticProblem]) -> None:
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    # A temporary name of this process's own: every rank of a spawned world may write the same (identical)
+    # file at once, and each swaps its complete copy in.
+    tmp = path.with_suffix(f"{path.suffix}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

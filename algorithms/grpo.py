@@ -23,6 +23,7 @@ differ by design; check refit with a T = 1 run).
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -85,16 +86,34 @@ class RolloutConfig(Schema):
 
 
 class EnvironmentConfig(Schema):
-    name: Literal["arithmetic", "exact_match", "math", "reward_model"] = "arithmetic"
+    name: str = Field(
+        "arithmetic",
+        description="a registered environment (arithmetic, exact_match, math, ...), or reward_model",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword arguments of the environment (see its docstring)"
+    )
     correct_reward: float = 1.0
     format_reward: float = Field(0.0, description="added for a well-formed response (answer + EOS)")
     answer_key: str = Field("answer", description="exact_match / math: the row's reference field")
     path: InputPath | None = Field(
         None, description="reward_model: an `rl rm` run directory or its reward_model/"
     )
-    verifier: Literal["arithmetic", "exact_match", "math"] | None = Field(
+    verifier: str | None = Field(
         None, description="reward_model: what reports `correct` (accuracy metrics); none: score > 0"
     )
+
+    @field_validator("name", "verifier")
+    @classmethod
+    def _known_environment(cls, name: str | None, info: Any) -> str | None:
+        from rollout.environments import ENVIRONMENTS
+
+        special = ("reward_model",) if info.field_name == "name" else ()
+        if name is not None and name not in ENVIRONMENTS and name not in special:
+            raise ValueError(
+                f"unknown environment {name!r}; choices: {', '.join([*sorted(ENVIRONMENTS), *special])}"
+            )
+        return name
 
     @model_validator(mode="after")
     def _reward_model_path(self) -> EnvironmentConfig:
@@ -104,7 +123,7 @@ class EnvironmentConfig(Schema):
 
     def build(self, tokenizer: Any = None, scorer: Any = None) -> Any:
         """scorer: reward_model only, what scores the sequences (None: a RewardModel in this process)."""
-        from rollout.environments import build_environment
+        from rollout.environments import ENVIRONMENTS, build_environment
 
         if self.name == "reward_model":
             from algorithms.reward_env import RewardModelEnvironment
@@ -112,9 +131,9 @@ class EnvironmentConfig(Schema):
             verifier = EnvironmentConfig(name=self.verifier).build() if self.verifier else None
             return RewardModelEnvironment(self.path, tokenizer, verifier=verifier, scorer=scorer)
         kwargs: dict[str, Any] = {"correct_reward": self.correct_reward, "format_reward": self.format_reward}
-        if self.name != "arithmetic":
+        if "answer_key" in inspect.signature(ENVIRONMENTS[self.name]).parameters:
             kwargs["answer_key"] = self.answer_key
-        return build_environment(self.name, **kwargs)
+        return build_environment(self.name, **kwargs, **self.options)
 
 
 class AlgorithmConfig(Schema):

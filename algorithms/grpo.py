@@ -797,22 +797,33 @@ def check_for_run(cfg: GRPOConfig, stage: str = "grpo") -> Inputs:
     return inputs
 
 
-def run_grpo(cfg: GRPOConfig) -> dict[str, float]:
-    """Checks every input, then trains to train.max_steps (resuming from run.dir) and exports hf/."""
+def run_rl(
+    cfg: GRPOConfig,
+    trainer_cls: type[GRPOTrainer],
+    check: Callable[[Any], Inputs],
+    build: Callable[[Any, Inputs, torch.device], Components],
+) -> dict[str, float]:
+    """An RL loop in this process (GRPO, PPO: its trainer class, its input checks and its components):
+    checks every input, then trains to train.max_steps (resuming from run.dir) and exports hf/."""
     from core.config import dump_config
     from core.utils.device import resolve_device
 
-    inputs = check_for_run(cfg)
+    inputs = check(cfg)
     device = resolve_device(cfg.train.device)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    parts, _ = build_components(cfg, inputs, device)
+    parts = build(cfg, inputs, device)
     try:
-        trainer = GRPOTrainer(cfg, parts, inputs.train_rows, inputs.eval_rows)
+        trainer = trainer_cls(cfg, parts, inputs.train_rows, inputs.eval_rows)
         metrics = trainer.fit()
         trainer.export()
     finally:
         parts.generator.shutdown()
     trainer.plot()
     return metrics
+
+
+def run_grpo(cfg: GRPOConfig) -> dict[str, float]:
+    """`rl grpo` in this process (see run_rl)."""
+    return run_rl(cfg, GRPOTrainer, check_for_run, lambda c, i, d: build_components(c, i, d)[0])

@@ -437,21 +437,8 @@ def build_components(cfg: PPOConfig, inputs: Inputs, device: torch.device) -> PP
 
 
 def run_ppo(cfg: PPOConfig) -> dict[str, float]:
-    """Checks every input, then trains to train.max_steps (resuming from run.dir) and exports hf/ (the
-    policy)."""
-    from core.config import dump_config
-    from core.utils.device import resolve_device
+    """`rl ppo` in this process: GRPO's run_rl with PPO's trainer, checks and components (the critic);
+    exports hf/ (the policy)."""
+    from algorithms.grpo import run_rl
 
-    inputs = check_for_run(cfg)
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    parts = build_components(cfg, inputs, resolve_device(cfg.train.device))
-    try:
-        trainer = PPOTrainer(cfg, parts, inputs.train_rows, inputs.eval_rows)
-        metrics = trainer.fit()
-        trainer.export()
-    finally:
-        parts.generator.shutdown()
-    trainer.plot()
-    return metrics
+    return run_rl(cfg, PPOTrainer, check_for_run, build_components)

@@ -27,6 +27,7 @@ written one behind.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -369,18 +370,30 @@ def run_grpo_cluster(cfg: ClusterGRPOConfig, resume_command: str | None = None) 
     return ClusterRun(cfg, resume_command).run()
 
 
-def run_grpo_any(cfg: GRPOConfig, resume_command: str) -> dict[str, float] | None:
-    """`rl grpo`: on Ray when the config says so (None after a failure it could not recover from, said on
-    stderr), else in this process with failure.max_restarts restarts from the newest checkpoint."""
+def run_rl_any(
+    cfg: GRPOConfig,
+    resume_command: str,
+    run_local: Callable[[Any], dict[str, float]],
+    cluster_cls: type[ClusterRun] = ClusterRun,
+) -> dict[str, float] | None:
+    """`rl grpo` / `rl ppo`: on Ray (`cluster_cls`) when the config says so (None after a failure it could
+    not recover from, said on stderr), else `run_local` in this process with failure.max_restarts
+    restarts from the newest checkpoint."""
     import sys
 
-    from algorithms.grpo import run_grpo
     from rl.training import with_restarts
 
     if not cfg.on_ray:
-        return with_restarts(lambda: run_grpo(cfg), cfg.failure.max_restarts, resume_command)
+        return with_restarts(lambda: run_local(cfg), cfg.failure.max_restarts, resume_command)
     try:
-        return run_grpo_cluster(cfg, resume_command=resume_command)
+        return cluster_cls(cfg, resume_command).run()
     except ClusterRunError as e:
         print(f"error: {e}", file=sys.stderr)
         return None
+
+
+def run_grpo_any(cfg: GRPOConfig, resume_command: str) -> dict[str, float] | None:
+    """`rl grpo` (see run_rl_any)."""
+    from algorithms.grpo import run_grpo
+
+    return run_rl_any(cfg, resume_command, run_grpo)

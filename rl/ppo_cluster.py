@@ -12,12 +12,11 @@ group too and the trainer resumes policy, critic and beta from the newest checkp
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 from algorithms.grpo import Inputs
 from algorithms.ppo import PPOComponents, PPOConfig, PPOTrainer
 from rl.cluster.placement import RolePlacement
-from rl.grpo_cluster import ClusterRun, ClusterRunError
+from rl.grpo_cluster import ClusterRun, run_rl_any
 
 
 class PPOClusterRun(ClusterRun):
@@ -71,15 +70,7 @@ def run_ppo_cluster(cfg: PPOConfig, resume_command: str | None = None) -> dict[s
 
 
 def run_ppo_any(cfg: PPOConfig, resume_command: str) -> dict[str, float] | None:
-    """`rl ppo`: on Ray when the config says so (None after a failure it could not recover from, said on
-    stderr), else in this process with failure.max_restarts restarts from the newest checkpoint."""
+    """`rl ppo` (see rl.grpo_cluster.run_rl_any)."""
     from algorithms.ppo import run_ppo
-    from rl.training import with_restarts
 
-    if not cfg.on_ray:
-        return with_restarts(lambda: run_ppo(cfg), cfg.failure.max_restarts, resume_command)
-    try:
-        return run_ppo_cluster(cfg, resume_command=resume_command)
-    except ClusterRunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return None
+    return run_rl_any(cfg, resume_command, run_ppo, PPOClusterRun)

@@ -38,7 +38,7 @@ from pydantic import Field, model_validator
 from algorithms.alignment_inputs import source_tokenizer
 from algorithms.engine_trainer import PackedLMTrainer, right_padded_batch
 from algorithms.model_config import ModelConfig, SourceModelConfig
-from algorithms.sft import SFTDataConfig, SFTEvalConfig, SFTSyntheticConfig, read_sft_rows
+from algorithms.sft import SFTDataConfig, SFTEvalConfig, SFTSyntheticConfig, check_sft_data, sft_data
 from algorithms.trainer import LoopConfig, check_resume
 from core.config import RunConfig, Schema
 from core.errors import InputError
@@ -140,24 +140,13 @@ def check_for_run(cfg: DistillConfig) -> None:
     """Every input, before anything is written: both models and their tokenizers (one tokenizer), every
     data row, the example lengths and the parallel layout for both models."""
     from algorithms.rl_inputs import init_config
-    from core.data.alignment import build_sft_examples
-    from core.engine import check_compile_layout
 
     teacher, tokenizer, tokenizer_dir = source_tokenizer(cfg.teacher)
     _, student_config = student_source(cfg, tokenizer, tokenizer_dir)
-    rows, eval_rows, _ = read_sft_rows(cfg, Path(cfg.run.dir))
-    max_len = cfg.data.max_len or cfg.data.seq_len + 1
-    build_sft_examples(rows, tokenizer, max_len, cfg.data.truncation)
-    if eval_rows:
-        build_sft_examples(eval_rows, tokenizer, max_len, cfg.data.truncation)
+    check_sft_data(cfg, tokenizer)
     cfg.parallel.check_model(init_config(teacher))
     cfg.parallel.check_model(student_config)
     check_resume(cfg.run.dir, DistillTrainer.stage, student_config)
-    cfg.train.grad_accum_steps(cfg.parallel.dp)
-    if cfg.train.compile:
-        check_compile_layout(cfg.parallel)
-    if cfg.data.seq_len % (2 * cfg.parallel.cp):
-        raise InputError(f"data.seq_len={cfg.data.seq_len} is not divisible by 2 * parallel.cp")
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -215,19 +204,14 @@ class DistillTrainer(PackedLMTrainer):
 
     def prepare(self) -> None:
         from algorithms.rl_inputs import PromptLoader
-        from core.data.alignment import SFTDataset, build_sft_examples
 
         cfg = self.cfg
         self.teacher_source, self.tokenizer, self._tokenizer_dir = source_tokenizer(cfg.teacher)
         self.student_source, self.student_config = student_source(cfg, self.tokenizer, self._tokenizer_dir)
-        rows, eval_rows, self.synthetic = read_sft_rows(cfg, self.run_dir)
-        max_len = cfg.data.max_len or cfg.data.seq_len + 1
-        examples = build_sft_examples(rows, self.tokenizer, max_len, cfg.data.truncation)
-        pad = self.tokenizer.pad_token_id or 0
-        self.dataset = SFTDataset(examples, cfg.data.seq_len, cfg.train.seed, pad, cfg.data.packing)
+        rows, self.dataset, self.eval_rows, self.eval_examples, self.synthetic = sft_data(
+            cfg, self.tokenizer, self.run_dir
+        )
         self.prompts = PromptLoader([r for r, _ in rows], cfg.train.global_batch_size, cfg.train.seed)
-        self.eval_rows = eval_rows[: cfg.eval.num_rows]
-        self.eval_examples = build_sft_examples(self.eval_rows, self.tokenizer, max_len, cfg.data.truncation)
         self._teacher_full: GPTModel | None = None
 
     def initial_model(self) -> tuple[GPTModel, Any]:

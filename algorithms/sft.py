@@ -99,21 +99,43 @@ def read_sft_rows(cfg: SFTConfig, run_dir: Path) -> tuple[list, list, bool]:
     return read_rows(data.path), eval_rows, False
 
 
+def sft_data(cfg: Any, tokenizer: Any, run_dir: Path) -> tuple[list, Any, list, list, bool]:
+    """The SFT data of cfg.data (SFT, distillation) with `tokenizer`: (training rows, SFTDataset of packed
+    training rows, held-out rows (at most eval.num_rows), their examples, whether synthetic)."""
+    from core.data.alignment import SFTDataset, build_sft_examples
+
+    rows, eval_rows, synthetic = read_sft_rows(cfg, run_dir)
+    max_len = cfg.data.max_len or cfg.data.seq_len + 1
+    examples = build_sft_examples(rows, tokenizer, max_len, cfg.data.truncation)
+    pad = tokenizer.pad_token_id or 0
+    dataset = SFTDataset(examples, cfg.data.seq_len, cfg.train.seed, pad, cfg.data.packing)
+    eval_rows = eval_rows[: cfg.eval.num_rows]
+    eval_examples = build_sft_examples(eval_rows, tokenizer, max_len, cfg.data.truncation)
+    return rows, dataset, eval_rows, eval_examples, synthetic
+
+
 def check_for_run(cfg: SFTConfig) -> None:
     """Every input, before anything is written: the model source and its tokenizer, every row (each bad
     one named by file:line), the example lengths and the parallel layout."""
     from algorithms.rl_inputs import init_config
+
+    source, tokenizer, _ = source_tokenizer(cfg.model)
+    check_sft_data(cfg, tokenizer)
+    cfg.parallel.check_model(init_config(source))
+    check_resume(cfg.run.dir, SFTTrainer.stage, init_config(source))
+
+
+def check_sft_data(cfg: Any, tokenizer: Any) -> None:
+    """What SFT and distillation check alike: every row (each bad one named by file:line), the example
+    lengths, the batch sizes against dp and the sequence length against cp."""
     from core.data.alignment import build_sft_examples
     from core.engine import check_compile_layout
 
-    source, tokenizer, _ = source_tokenizer(cfg.model)
     rows, eval_rows, _ = read_sft_rows(cfg, Path(cfg.run.dir))
     max_len = cfg.data.max_len or cfg.data.seq_len + 1
     build_sft_examples(rows, tokenizer, max_len, cfg.data.truncation)
     if eval_rows:
         build_sft_examples(eval_rows, tokenizer, max_len, cfg.data.truncation)
-    cfg.parallel.check_model(init_config(source))
-    check_resume(cfg.run.dir, SFTTrainer.stage, init_config(source))
     cfg.train.grad_accum_steps(cfg.parallel.dp)
     if cfg.train.compile:
         check_compile_layout(cfg.parallel)
@@ -133,17 +155,10 @@ class SFTTrainer(PackedLMTrainer):
     config_schema: ClassVar[type] = SFTConfig
 
     def prepare(self) -> None:
-        from core.data.alignment import SFTDataset, build_sft_examples
-
-        cfg = self.cfg
-        self.source, self.tokenizer, self._tokenizer_dir = source_tokenizer(cfg.model)
-        rows, eval_rows, self.synthetic = read_sft_rows(cfg, self.run_dir)
-        max_len = cfg.data.max_len or cfg.data.seq_len + 1
-        examples = build_sft_examples(rows, self.tokenizer, max_len, cfg.data.truncation)
-        pad = self.tokenizer.pad_token_id or 0
-        self.dataset = SFTDataset(examples, cfg.data.seq_len, cfg.train.seed, pad, cfg.data.packing)
-        self.eval_rows = eval_rows[: cfg.eval.num_rows]
-        self.eval_examples = build_sft_examples(self.eval_rows, self.tokenizer, max_len, cfg.data.truncation)
+        self.source, self.tokenizer, self._tokenizer_dir = source_tokenizer(self.cfg.model)
+        self.dataset, self.eval_rows, self.eval_examples, self.synthetic = sft_data(
+            self.cfg, self.tokenizer, self.run_dir
+        )[1:]
 
     def initial_model(self) -> tuple[GPTModel, Any]:
         from algorithms.rl_inputs import load_init

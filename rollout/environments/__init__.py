@@ -2,11 +2,12 @@
 `build_environment("arithmetic", format_reward=0.1)`.
 
 arithmetic   the embedded synthetic task; the answer is computed from the prompt
+code         Python run against the row's tests (asserts or stdin/stdout) in a sandbox
 exact_match  the first line equals the row's reference answer
 math         \\boxed{...} or the last number, normalised, against the row's reference answer
 """
 
-from rollout.environments import arithmetic, exact_match, math  # noqa: F401  (register)
+from rollout.environments import arithmetic, code, exact_match, math  # noqa: F401  (register)
 from rollout.environments.base import (
     ENVIRONMENTS,
     Completion,

@@ -23,17 +23,19 @@ methods call worker groups.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import shutil
 import statistics
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.checkpoint.checkpointer import (
     WRITE_ERRORS,
@@ -57,6 +59,32 @@ from core.config import (
 from core.parallel.heartbeat import beat
 
 
+class WandbConfig(Schema):
+    """Weights & Biases: every logged row (the metrics.jsonl row, numbers only) also goes to a W&B run."""
+
+    project: str = Field(description="the W&B project")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online",
+        description="offline: written under run.dir/wandb without network (`wandb sync` uploads it later)",
+    )
+    entity: str | None = Field(None, description="team or user; none: the account's default")
+    group: str | None = Field(None, description="groups runs in the W&B UI (a pipeline's stages share one)")
+    tags: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _installed(self) -> WandbConfig:
+        # Checked when the config is loaded, so a run that asks for W&B stops before it writes anything.
+        if self.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+            raise ValueError("wandb is not installed: `pip install wandb` (or drop logging.wandb)")
+        return self
+
+
+class LoggingConfig(Schema):
+    """Where metric rows go besides run.dir/metrics.jsonl and TensorBoard (always written)."""
+
+    wandb: WandbConfig | None = Field(None, description="also log to Weights & Biases")
+
+
 class LoopConfig(Schema):
     """Sections every training command shares. No `placement`: the run happens in this process (and the
     ranks it spawns itself for parallel.* > 1); a `placement`: on Ray worker groups built from the same
@@ -70,6 +98,7 @@ class LoopConfig(Schema):
     placement: Placement | None = Field(None, description="Ray placement; none: run in this process")
     failure: FailureConfig = Field(default_factory=FailureConfig)
     ray: RayOptions | None = Field(None, description="the Ray cluster to use (with a placement)")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @property
     def on_ray(self) -> bool:
@@ -78,12 +107,62 @@ class LoopConfig(Schema):
 
 @contextmanager
 def timed(times: dict[str, float], name: str) -> Iterator[None]:
-    """times[f"time/{name}"] = seconds the block took."""
+    """times[f"time/{name}"] += seconds the block took (from 0: blocks of one name in a loop add up)."""
     start = time.perf_counter()
     try:
         yield
     finally:
-        times[f"time/{name}"] = time.perf_counter() - start
+        key = f"time/{name}"
+        times[key] = times.get(key, 0.0) + time.perf_counter() - start
+
+
+class RunLogger:
+    """Where a run's metric rows go: metrics.jsonl + TensorBoard (MetricsLogger), and a W&B run with
+    logging.wandb (its numbers, at the same step). Rank 0 only."""
+
+    def __init__(self, cfg: LoopConfig, run_dir: Path, resume_step: int, stage: str) -> None:
+        from core.utils.metrics import MetricsLogger
+
+        self.files = MetricsLogger(run_dir, resume_step=resume_step)
+        wandb_cfg = cfg.logging.wandb
+        self.wandb = None
+        if wandb_cfg is not None and wandb_cfg.mode != "disabled":
+            self.wandb = open_wandb(cfg, wandb_cfg, run_dir, stage)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.files.log(step, metrics)
+        if self.wandb is not None:
+            numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+            self.wandb.log({k: v for k, v in numbers.items() if math.isfinite(v)}, step=step)
+
+    def close(self) -> None:
+        self.files.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def open_wandb(cfg: LoopConfig, wandb_cfg: WandbConfig, run_dir: Path, stage: str) -> Any:
+    """wandb.init for this run directory. The run id is kept in run_dir/wandb_id, so a resumed run
+    continues the same W&B run (W&B ignores the rows of steps it already has)."""
+    import wandb
+
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id + "\n")
+    return wandb.init(
+        project=wandb_cfg.project,
+        entity=wandb_cfg.entity,
+        mode=wandb_cfg.mode,
+        dir=str(run_dir),
+        config=cfg.model_dump(mode="json"),
+        name=cfg.run.name or run_dir.name,
+        group=wandb_cfg.group,
+        job_type=stage,
+        tags=wandb_cfg.tags or None,
+        id=run_id,
+        resume="allow",
+    )
 
 
 def progress_bar(total: int, initial: int, enabled: bool, desc: str):
@@ -324,12 +403,12 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         """Train to train.max_steps from wherever the run is; returns the last logged metrics."""
-        from core.utils.metrics import MetricsLogger
-
         tcfg = self.cfg.train
         self.check_disk()
-        logger = MetricsLogger(self.run_dir, resume_step=self.step_count) if self.is_logger else None
-        bar = progress_bar(tcfg.max_steps, self.step_count, tcfg.progress_bar and self.is_logger, self.stage)
+        logger = RunLogger(self.cfg, self.run_dir, self.step_count, self.stage) if self.is_logger else None
+        # run.name labels the bar (a pipeline names its stages there), else the loop's name
+        desc = self.cfg.run.name or self.stage
+        bar = progress_bar(tcfg.max_steps, self.step_count, tcfg.progress_bar and self.is_logger, desc)
         last: dict[str, float] = {}
         shown: dict[str, str] = {}
         try:
@@ -537,6 +616,8 @@ MUTABLE_ON_RESUME = (
     "ray",
     "ray.*",
     "failure.*",
+    "logging",
+    "logging.*",
     "eval.*",
     "rollout.max_num_seqs",
     "rollout.kv_cache_gib",

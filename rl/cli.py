@@ -10,7 +10,7 @@ from core.errors import InputError
 
 # Training commands come from one registry (rl/training.py); each other module in rl.commands exposes
 # `register(subparsers)`. Every parser sets `func(args) -> int`.
-TOOLS = ["data", "convert", "bench", "generate", "submit", "job"]
+TOOLS = ["pipeline", "report", "data", "convert", "bench", "generate", "submit", "job"]
 
 
 def build_parser() -> argparse.ArgumentParser:

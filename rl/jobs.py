@@ -102,9 +102,19 @@ def training_schema(command: str) -> type:
 
     if command not in TRAINING_COMMANDS:
         raise InputError(
-            f"'{command}' is not a training command; rl submit runs one of: {', '.join(training_commands())}"
+            f"'{command}' is not a training command; rl submit runs one of: "
+            f"{', '.join(training_commands())}, pipeline"
         )
     return TRAINING_COMMANDS[command].load_schema()
+
+
+def load_command_config(command: str, config: str, overrides: list[str]) -> Any:
+    """The config as `rl COMMAND` loads it; for `pipeline`, with every stage resolved and checked."""
+    if command == "pipeline":
+        from rl.pipeline import resolve_pipeline
+
+        return resolve_pipeline(config, overrides).cfg
+    return load_config(training_schema(command), config, overrides)
 
 
 def parse_env(items: list[str]) -> dict[str, str]:
@@ -131,9 +141,8 @@ def build_job(
     root: Path = PROJECT_ROOT,
 ) -> JobSpec:
     """Validates the run locally (exactly as the job will load it) and returns what to submit."""
-    schema = training_schema(command)
     overrides = [*overrides, *([f"run.dir={run_dir}"] if run_dir else [])]
-    cfg = load_config(schema, config, overrides)
+    cfg = load_command_config(command, config, overrides)
     config_in_root = _relative_to_root(Path(config), root)
     job_run_dir, note = place_run_dir(cfg.run.dir, local)
     excludes = [*EXCLUDES, *(excludes or []), *_run_dir_exclude(job_run_dir, root)]
@@ -366,6 +375,8 @@ def run_progress(run_dir: str, command: str | None) -> list[str]:
     and the last evaluation), read from its metrics.jsonl where this machine can read the run directory."""
     from rl.training import TRAINING_COMMANDS
 
+    if command == "pipeline":
+        return pipeline_progress(Path(run_dir))
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         where = "" if Path(run_dir).is_dir() else " (or the run directory is not readable from here)"
@@ -389,6 +400,22 @@ def run_progress(run_dir: str, command: str | None) -> list[str]:
     if evals:
         lines.append(f"last eval (step {evals[-1]['step']}): {_metrics(evals[-1], ('eval/',))}")
     return lines or ["progress: no step logged yet"]
+
+
+def pipeline_progress(run_dir: Path) -> list[str]:
+    """One line per stage of an `rl pipeline` run: its status, and its last step while it runs."""
+    from rl.report import load_stages
+
+    try:
+        stages = load_stages(run_dir)
+    except InputError:
+        return ["progress: no stage started yet"]
+    lines = []
+    for stage in stages:
+        steps = [r["step"] for r in stage.rows if "step" in r]
+        at = f", step {steps[-1]} of {stage.max_steps}" if steps and stage.status == "running" else ""
+        lines.append(f"stage {stage.index} {stage.name} (rl {stage.kind}): {stage.status}{at}")
+    return lines
 
 
 def _metrics(row: dict[str, Any], prefixes: tuple[str, ...]) -> str:

@@ -71,7 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--num-cpus", type=float, default=0, help="CPUs reserved for the job's driver")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs reserved for the job's driver")
-    p.add_argument("train_command", metavar="COMMAND", help="training command, e.g. pretrain")
+    p.add_argument(
+        "train_command", metavar="COMMAND", help="training command, e.g. pretrain, or pipeline (rl pipeline)"
+    )
     p.add_argument("config", help="YAML recipe inside the project, e.g. configs/pretrain_tiny.yaml")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.set_defaults(func=run, no_wait=False)

@@ -13,6 +13,9 @@ Every estimator returns (advantages, returns), both (B, T) fp32 and 0 where resp
 `compute_advantages(name, rewards, response_mask, **inputs)` calls the registered estimator with the
 inputs it takes, so a loop can pass everything it has (group_index, values, kl, gamma, ...).
 
+Reward shaping and filtering before the estimator: `overlong_penalty` (DAPO's soft overlong punishment)
+and `constant_groups` (DAPO's dynamic sampling drops the groups it marks).
+
 Imports nothing from the project but the registry (pure torch).
 """
 
@@ -96,6 +99,37 @@ def _group_stats(scores: torch.Tensor, group_index: torch.Tensor) -> tuple[torch
     return count[inverse], mean[inverse], std[inverse]
 
 
+def constant_groups(scores: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+    """(G,) bool, one per distinct group_index in ascending order: True where every sample of the group has
+    the same score (compared exactly, in fp64). Such a group gets advantage 0 from every group-relative
+    estimator and so no gradient (DAPO's dynamic sampling drops it)."""
+    scores = scores.to(torch.float64)
+    _, inverse = torch.unique(group_index, return_inverse=True)
+    n_groups = int(inverse.max()) + 1
+    top = torch.full((n_groups,), float("-inf"), dtype=scores.dtype, device=scores.device)
+    bottom = torch.full_like(top, float("inf"))
+    top = top.scatter_reduce(0, inverse, scores, "amax")
+    bottom = bottom.scatter_reduce(0, inverse, scores, "amin")
+    return top == bottom
+
+
+def overlong_penalty(
+    lengths: torch.Tensor, max_len: int, buffer_len: int, penalty_factor: float = 1.0
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), (B,) fp32 to add to the rewards. For a
+    response of L tokens, L_max = max_len and L_c = buffer_len:
+
+        0                                       L <= L_max - L_c
+        (L_max - L_c - L) / L_c * factor        L_max - L_c < L <= L_max   (0 down to -factor)
+        -factor                                 L > L_max
+    """
+    if not 0 < buffer_len < max_len:
+        raise ValueError(f"overlong penalty: need 0 < buffer_len < max_len, got {buffer_len} and {max_len}")
+    excess = lengths.to(torch.float64) - (max_len - buffer_len)
+    penalty = (-excess / buffer_len * penalty_factor).clamp(min=-penalty_factor, max=0.0)
+    return penalty.float()
+
+
 @ADVANTAGES.register("grpo")
 def grpo(
     rewards: torch.Tensor,
@@ -164,6 +198,28 @@ def reinforce_plus_plus(
         token_rewards = token_rewards - kl_coef * torch.where(response_mask.bool(), kl.float(), 0.0)
     returns = _discounted_returns(token_rewards, response_mask, gamma)
     return masked_whiten(returns, response_mask, eps), returns
+
+
+@ADVANTAGES.register("reinforce_plus_plus_baseline")
+def reinforce_plus_plus_baseline(
+    rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    group_index: torch.Tensor,
+    gamma: float = 1.0,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++-baseline (Hu 2025; OpenRLHF's reinforce_baseline, verl's reinforce_plus_plus_baseline):
+    each sequence score minus the mean score of its group (fp64; a group of one keeps its score), then
+    REINFORCE++: the baselined score on the last response token, minus kl_coef * kl_t per token, discounted
+    returns G_t, advantages = G whitened over all masked tokens of the batch (the global std replaces
+    GRPO's per-prompt one). Returns (whitened G, G)."""
+    scores = sequence_scores(rewards, response_mask).to(torch.float64)
+    count, mean, _ = _group_stats(scores, group_index)
+    baselined = scores - torch.where(count < 2, 0.0, mean)
+    return reinforce_plus_plus(baselined.float(), response_mask, gamma=gamma, kl=kl, kl_coef=kl_coef, eps=eps)
 
 
 @ADVANTAGES.register("gae")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from algorithms.engine_model import Batch, EngineModel, StepStats
 from algorithms.losses import value_loss
@@ -41,6 +41,13 @@ class ValueLossConfig(Schema):
 
     clip_range: float | None = Field(0.2, gt=0, description="values clipped to old_values +- clip_range")
     agg_mode: AggMode = "token_mean"
+
+    @field_validator("agg_mode")
+    @classmethod
+    def _critic_mode(cls, mode: str) -> str:
+        if mode == "seq_mean_token_sum_norm":
+            raise ValueError("critic.loss.agg_mode=seq_mean_token_sum_norm is a policy-loss mode (Dr. GRPO)")
+        return mode
 
 
 def value_model_from_lm(

@@ -11,7 +11,8 @@ input_ids[:, t] (position 0 is always 0).
 
 Two kinds of logprobs (at sampling temperature T):
     sampler_logprobs      what the engine returns: RAW, log_softmax(logits) whatever T (vLLM's
-                          raw_logprobs); used only for the logprob-gap metric
+                          raw_logprobs); used for the logprob-gap metric and TIS (loss.tis_cap), both
+                          at T = 1 only
     old_logprobs, ref_logprobs and the trainer's new logprobs
                           TEMPERED, log_softmax(logits / T) (verl's convention): the PPO ratio and the KL
                           compare the distributions the samples were drawn from
@@ -25,14 +26,16 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from algorithms.advantages import constant_groups
 from algorithms.inprocess_policy import PolicyLossConfig
 from algorithms.interfaces import Batch, Environment, Generator, Policy, Reference, WeightSync
 from algorithms.model_config import SourceModelConfig
@@ -41,12 +44,15 @@ from algorithms.trainer import LoopConfig, Trainer, model_meta, timed
 from core.config import InputPath, LoraConfig, Placement, RayOptions, RunConfig, Schema
 from core.errors import InputError
 from rollout.environments import Completion, Score
+from rollout.environments.multiturn import MultiTurnEnvironment
+from rollout.multiturn import Episode, episode_metrics, run_episodes
 from rollout.types import GenerationRequest, GenerationResult, SamplingParams
 
 # ---------------------------------------------------------------------------------------------- config
 
 
 GRPOModelConfig = SourceModelConfig  # the name older code imports
+GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus_baseline")  # a baseline from the prompt's group
 
 
 class ArithmeticPromptsConfig(Schema):
@@ -71,6 +77,23 @@ class PromptsConfig(Schema):
         return self
 
 
+class DynamicSamplingConfig(Schema):
+    """DAPO's dynamic sampling (Yu et al. 2025): a group whose rewards are all equal has advantage 0 under a
+    group-relative estimator and teaches nothing; it is dropped and more prompts are sampled instead."""
+
+    enabled: bool = Field(
+        False,
+        description="drop the groups whose rewards are all equal (exactly, in fp64) and sample the next "
+        "prompts of the loader until rollout.prompts_per_step groups remain",
+    )
+    max_rounds: int = Field(
+        10,
+        ge=1,
+        description="rounds of rollout.prompts_per_step prompts a step may sample (verl's "
+        "max_num_gen_batches); still short after that: the run stops with an error",
+    )
+
+
 class RolloutConfig(Schema):
     engine: Literal["native", "vllm"] = Field(
         "native", description="native: our engine on the training weights (no copy); vllm: refit each step"
@@ -83,24 +106,33 @@ class RolloutConfig(Schema):
     max_tokens: int = Field(16, ge=1, description="new tokens per response at most")
     max_num_seqs: int = Field(64, ge=1, description="native: sequences decoded together")
     kv_cache_gib: float = Field(0.25, gt=0, description="vllm: KV cache size")
+    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
 
 
 class EnvironmentConfig(Schema):
     name: str = Field(
         "arithmetic",
-        description="a registered environment (arithmetic, exact_match, math, ...), or reward_model",
+        description="a registered environment (arithmetic, exact_match, math, ...), reward_model, or plugin",
     )
     options: dict[str, Any] = Field(
-        default_factory=dict, description="extra keyword arguments of the environment (see its docstring)"
+        default_factory=dict,
+        description="extra keyword arguments of the environment (see its docstring), or of the plugin",
     )
     correct_reward: float = 1.0
     format_reward: float = Field(0.0, description="added for a well-formed response (answer + EOS)")
+    function: str | None = Field(
+        None,
+        description="plugin: module:function or path/to/file.py:function, relative to the current "
+        "directory (rollout/environments/plugin.py: what it is called with and returns)",
+    )
     answer_key: str = Field("answer", description="exact_match / math: the row's reference field")
     path: InputPath | None = Field(
         None, description="reward_model: an `rl rm` run directory or its reward_model/"
     )
     verifier: str | None = Field(
-        None, description="reward_model: what reports `correct` (accuracy metrics); none: score > 0"
+        None,
+        description="reward_model, plugin: what reports `correct` (accuracy metrics); none: score > 0 "
+        "(plugin: its `correct`)",
     )
 
     @field_validator("name", "verifier")
@@ -108,7 +140,7 @@ class EnvironmentConfig(Schema):
     def _known_environment(cls, name: str | None, info: Any) -> str | None:
         from rollout.environments import ENVIRONMENTS
 
-        special = ("reward_model",) if info.field_name == "name" else ()
+        special = ("reward_model", "plugin") if info.field_name == "name" else ()
         if name is not None and name not in ENVIRONMENTS and name not in special:
             raise ValueError(
                 f"unknown environment {name!r}; choices: {', '.join([*sorted(ENVIRONMENTS), *special])}"
@@ -121,6 +153,21 @@ class EnvironmentConfig(Schema):
             raise ValueError("environment.path is needed with name=reward_model, and only with it")
         return self
 
+    @model_validator(mode="after")
+    def _plugin_function(self) -> EnvironmentConfig:
+        from rollout.environments.plugin import split_spec
+
+        if (self.name == "plugin") != (self.function is not None):
+            raise ValueError("environment.function is needed with name=plugin, and only with it")
+        if self.function is not None:
+            split_spec(self.function)
+            if (self.correct_reward, self.format_reward) != (1.0, 0.0):
+                raise ValueError(
+                    "environment.correct_reward / format_reward do not apply to name=plugin: its function "
+                    "returns the reward"
+                )
+        return self
+
     def build(self, tokenizer: Any = None, scorer: Any = None) -> Any:
         """scorer: reward_model only, what scores the sequences (None: a RewardModel in this process)."""
         from rollout.environments import ENVIRONMENTS, build_environment
@@ -130,17 +177,61 @@ class EnvironmentConfig(Schema):
 
             verifier = EnvironmentConfig(name=self.verifier).build() if self.verifier else None
             return RewardModelEnvironment(self.path, tokenizer, verifier=verifier, scorer=scorer)
+        if self.name == "plugin":
+            from rollout.environments.plugin import PluginEnvironment
+
+            verifier = None
+            if self.verifier is not None:
+                verifier = EnvironmentConfig(name=self.verifier, answer_key=self.answer_key).build()
+            return PluginEnvironment(self.function, self.options, verifier)
         kwargs: dict[str, Any] = {"correct_reward": self.correct_reward, "format_reward": self.format_reward}
         if "answer_key" in inspect.signature(ENVIRONMENTS[self.name]).parameters:
             kwargs["answer_key"] = self.answer_key
         return build_environment(self.name, **kwargs, **self.options)
 
 
-class AlgorithmConfig(Schema):
-    advantage: str = Field("grpo", description="an ADVANTAGES estimator: grpo, rloo, reinforce_plus_plus")
+class OverlongConfig(Schema):
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) and overlong filtering."""
+
+    buffer_len: int = Field(
+        0,
+        ge=0,
+        description="L_c: a response of L tokens longer than rollout.max_tokens - L_c gets (max_tokens - L_c - "
+        "L) / L_c * penalty_factor added to its reward (down to -penalty_factor); 0: no penalty",
+    )
+    penalty_factor: float = Field(1.0, ge=0, description="the penalty of a response of rollout.max_tokens")
+    filter: bool = Field(
+        False,
+        description="mask truncated responses (finish_reason length) out of the loss; they still count in "
+        "their group's baseline",
+    )
+
+
+class PolicyUpdateConfig(Schema):
+    """What GRPO's and PPO's algorithm sections share: the reward shaping before the advantages and how the
+    policy trains on a rollout."""
+
+    ppo_epochs: int = Field(
+        1,
+        ge=1,
+        description="passes over each rollout; every pass shuffles it and takes one optimizer step per "
+        "mini-batch of train.global_batch_size sequences (all but the first are off-policy: the ratio "
+        "leaves 1 and the clip acts)",
+    )
+    loss: PolicyLossConfig = Field(
+        default_factory=PolicyLossConfig, description="the policy loss; loss.kl_coef: the KL as a loss term"
+    )
+    overlong: OverlongConfig = Field(default_factory=OverlongConfig)
+
+
+class AlgorithmConfig(PolicyUpdateConfig):
+    advantage: str = Field(
+        "grpo",
+        description="an ADVANTAGES estimator: grpo, rloo, reinforce_plus_plus, reinforce_plus_plus_baseline "
+        "(group mean subtracted, then whitened over the batch)",
+    )
     norm_by_std: bool = Field(True, description="grpo: divide by the group's std (False: Dr. GRPO)")
-    gamma: float = Field(1.0, ge=0, le=1, description="reinforce_plus_plus: discount")
-    loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig)
+    gamma: float = Field(1.0, ge=0, le=1, description="reinforce_plus_plus(_baseline): discount")
 
     @field_validator("advantage")
     @classmethod
@@ -226,13 +317,39 @@ class GRPOConfig(LoopConfig):
                 f"rollout.prompts_per_step * rollout.n = {sequences} sequences per step must be a multiple of "
                 f"train.global_batch_size={self.train.global_batch_size} (each slice is one optimizer step)"
             )
-        if self.algorithm.advantage in ("grpo", "rloo") and self.rollout.n < 2:
+        if self.algorithm.advantage in GROUP_ESTIMATORS and self.rollout.n < 2:
             raise ValueError(f"algorithm.advantage={self.algorithm.advantage} needs rollout.n >= 2 (a group)")
         return self
 
+    @model_validator(mode="after")
+    def _policy_update(self) -> GRPOConfig:
+        algo, rollout = self.algorithm, self.rollout
+        if algo.loss.tis_cap is not None and rollout.temperature != 1.0:
+            raise ValueError(
+                f"algorithm.loss.tis_cap needs rollout.temperature=1 (got {rollout.temperature}): the "
+                "sampler's logprobs are raw, the trainer's tempered, so their ratio is no importance weight"
+            )
+        if algo.overlong.buffer_len >= rollout.max_tokens:
+            raise ValueError(
+                f"algorithm.overlong.buffer_len={algo.overlong.buffer_len} must be below "
+                f"rollout.max_tokens={rollout.max_tokens} (the penalty starts at max_tokens - buffer_len)"
+            )
+        if rollout.dynamic_sampling.enabled and rollout.n < 2:
+            raise ValueError(
+                "rollout.dynamic_sampling needs rollout.n >= 2 (it drops groups of equal rewards)"
+            )
+        if algo.loss.agg_mode == "seq_mean_token_sum_norm" and algo.loss.norm_length is None:
+            algo.loss.norm_length = rollout.max_tokens  # the documented default, resolved once here
+        return self
+
+    @property
+    def mini_batches(self) -> int:
+        """Mini-batches (optimizer steps) per pass over a rollout."""
+        return self.rollout.prompts_per_step * self.rollout.n // self.train.global_batch_size
+
     @property
     def optimizer_steps_per_step(self) -> int:
-        return self.rollout.prompts_per_step * self.rollout.n // self.train.global_batch_size
+        return self.algorithm.ppo_epochs * self.mini_batches
 
     @property
     def policy_optimizer_steps(self) -> int:
@@ -256,6 +373,8 @@ class Rollouts:
     prompt_ids: list[list[int]]
     results: list[GenerationResult] = field(default_factory=list)
     scores: list[Score] = field(default_factory=list)  # flat: prompt-major, n per prompt
+    # multi-turn environments only: one per sample, flat like scores (the turns the samples are made of)
+    episodes: list[Episode] = field(default_factory=list)
 
 
 def sampling_requests(
@@ -279,8 +398,25 @@ def sampling_requests(
     return requests
 
 
+def sample_rollouts(
+    parts: Components, rollouts: Rollouts, cfg: RolloutConfig, seed: int, greedy: bool
+) -> None:
+    """rollouts.results from the (awake) generator: one generate call, or with a multi-turn environment its
+    episodes run to the end (rollout/multiturn.py, one batched call per turn; fills rollouts.episodes)."""
+    requests = sampling_requests(rollouts.prompt_ids, cfg, seed, greedy)
+    if isinstance(parts.environment, MultiTurnEnvironment):
+        rollouts.results, rollouts.episodes = run_episodes(
+            parts.generator, requests, parts.environment, rollouts.rows, parts.tokenizer
+        )
+    else:
+        rollouts.results = parts.generator.generate(requests)
+
+
 def completions_of(rollouts: Rollouts, decode: Callable[[list[int]], str]) -> list[Completion]:
-    """Decoded responses (special tokens dropped), prompt-major, with each prompt's row attached."""
+    """Decoded responses (special tokens dropped), prompt-major, with each prompt's row attached. Multi-turn:
+    each episode's final turn, its row extended with the episode (rollout/environments/multiturn.py)."""
+    if rollouts.episodes:
+        return [episode.completion() for episode in rollouts.episodes]
     return [
         Completion(row["prompt"], decode(sample.token_ids), sample.finish_reason, row)
         for row, result in zip(rollouts.rows, rollouts.results, strict=True)
@@ -292,7 +428,8 @@ def build_batch(results: Sequence[GenerationResult], scores: Sequence[Score], pa
     """Training batch of prompt + response rows, right-padded (see the module docstring).
 
     input_ids (B, T) long; response_mask (B, T) float, 1 on generated tokens (EOS included: the policy
-    learns to stop); sampler_logprobs (B, T) fp32; group_index (B,) the prompt of each row; rewards,
+    learns to stop) and 0 on a multi-turn sample's observation tokens (Sample.loss_mask); sampler_logprobs
+    (B, T) fp32 (0 on observations); group_index (B,) the prompt of each row; rewards,
     correct (B,) fp32. B = sum of samples over results, prompt-major.
     """
     rows = [(r.prompt_token_ids, s) for r in results for s in r.samples]
@@ -306,7 +443,7 @@ def build_batch(results: Sequence[GenerationResult], scores: Sequence[Score], pa
     for b, (prompt, sample) in enumerate(rows):
         start, end = len(prompt), len(prompt) + len(sample.token_ids)
         input_ids[b, :end] = torch.tensor([*prompt, *sample.token_ids])
-        response_mask[b, start:end] = 1.0
+        response_mask[b, start:end] = 1.0 if sample.loss_mask is None else torch.tensor(sample.loss_mask)
         if sample.logprobs is not None:
             sampler_logprobs[b, start:end] = torch.tensor(sample.logprobs)
     group_index = torch.tensor([i for i, r in enumerate(results) for _ in r.samples], dtype=torch.long)
@@ -338,7 +475,7 @@ def advantages_of(batch: Batch, cfg: AlgorithmConfig) -> torch.Tensor:
     inputs: dict[str, Any] = {"group_index": batch["group_index"]}
     if cfg.advantage == "grpo":
         inputs["norm_by_std"] = cfg.norm_by_std
-    if cfg.advantage == "reinforce_plus_plus":
+    if cfg.advantage in ("reinforce_plus_plus", "reinforce_plus_plus_baseline"):
         inputs["gamma"] = cfg.gamma
     advantages, _ = compute_advantages(cfg.advantage, batch["rewards"], batch["response_mask"], **inputs)
     return advantages
@@ -350,7 +487,7 @@ def rollout_metrics(
     rewards = batch["rewards"]
     lengths = batch["response_mask"].sum(-1)
     samples = [s for r in results for s in r.samples]
-    return {
+    metrics = {
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
         "reward/accuracy": float(batch["correct"].mean()),
@@ -359,6 +496,10 @@ def rollout_metrics(
         "response/length_max": float(lengths.max()),
         "response/truncated_frac": sum(s.finish_reason == "length" for s in samples) / max(1, len(samples)),
     }
+    for name in sorted({name for s in scores for name in s.metrics}):  # a reward plugin's parts
+        values = [s.metrics[name] for s in scores if name in s.metrics]
+        metrics[f"reward/{name}"] = sum(values) / len(values)
+    return metrics
 
 
 def split_batch(batch: Batch, parts: int) -> list[Batch]:
@@ -373,7 +514,46 @@ def mean_metrics(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in sorted(keys)}
 
 
+def shaped_rewards(batch: Batch, cfg: GRPOConfig) -> torch.Tensor:
+    """(B,) the environment's rewards plus DAPO's overlong penalty (algorithm.overlong) of each response's
+    length L = its loss tokens, L_max = rollout.max_tokens."""
+    from algorithms.advantages import overlong_penalty
+
+    overlong = cfg.algorithm.overlong
+    if overlong.buffer_len == 0:
+        return batch["rewards"]
+    lengths = batch["response_mask"].sum(-1)
+    penalty = overlong_penalty(lengths, cfg.rollout.max_tokens, overlong.buffer_len, overlong.penalty_factor)
+    return batch["rewards"] + penalty
+
+
+def take_prompts(rollouts: Rollouts, keep: Iterable[int]) -> Rollouts:
+    """The prompts `keep` (indices, in that order) with their samples: rows, prompt_ids and results are per
+    prompt; scores and episodes per sample, prompt-major."""
+    keep = list(keep)
+    starts = list(accumulate((len(r.samples) for r in rollouts.results), initial=0))
+
+    def samples_of(flat: list[Any]) -> list[Any]:
+        return [x for i in keep for x in flat[starts[i] : starts[i + 1]]] if flat else []
+
+    return Rollouts(
+        [rollouts.rows[i] for i in keep],
+        [rollouts.prompt_ids[i] for i in keep],
+        [rollouts.results[i] for i in keep],
+        samples_of(rollouts.scores),
+        samples_of(rollouts.episodes),
+    )
+
+
+def join_rollouts(parts: Sequence[Rollouts]) -> Rollouts:
+    """One Rollouts of several, in order (each field concatenated)."""
+    return Rollouts(**{f.name: [x for r in parts for x in getattr(r, f.name)] for f in fields(Rollouts)})
+
+
 # ------------------------------------------------------------------------------------------------- loop
+
+# what the policy trains on (is_weights only with algorithm.loss.tis_cap; ref_logprobs added for a KL term)
+POLICY_KEYS = ("input_ids", "response_mask", "advantages", "old_logprobs", "is_weights")
 
 
 @dataclass
@@ -444,20 +624,31 @@ class GRPOTrainer(Trainer):
             self.parts.weight_sync(self.step_count + 1)
             self._synced_step = self.step_count
 
-    def generate(self, rollouts: Rollouts, greedy: bool = False) -> None:
-        """Phase 3: n samples per prompt (token ids + sampler logprobs)."""
-        seed = self.cfg.train.seed * 1_000_003 + self.step_count * 10_007 * self.cfg.rollout.n
+    def generate(
+        self, rollouts: Rollouts, greedy: bool = False, step: int | None = None, round_: int = 0
+    ) -> None:
+        """Phase 3: n samples per prompt (token ids + sampler logprobs; multi-turn: whole episodes). Seeds
+        come from the step that trains on them (default: the next one) and the dynamic-sampling round
+        (multi-turn episodes offset turns by 2**32, rounds by 2**40), so no two draws of a run repeat."""
+        step = self.step_count if step is None else step
+        seed = self.cfg.train.seed * 1_000_003 + step * 10_007 * self.cfg.rollout.n + round_ * 2**40
         self.parts.generator.wake_up()
-        rollouts.results = self.parts.generator.generate(
-            sampling_requests(rollouts.prompt_ids, self.cfg.rollout, seed, greedy)
-        )
+        sample_rollouts(self.parts, rollouts, self.cfg.rollout, seed, greedy)
         if self.parts.colocated:
             self.parts.generator.sleep()
 
     def score(self, rollouts: Rollouts) -> None:
         """Phase 4: environment rewards for every sample."""
+        from rollout.environments.plugin import RewardPluginError
+
         decode = lambda ids: self.parts.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        rollouts.scores = self.parts.environment.score(completions_of(rollouts, decode))
+        try:
+            rollouts.scores = self.parts.environment.score(completions_of(rollouts, decode))
+        except RewardPluginError as e:  # exit 2 (rl/cli.py); fit drops a checkpoint in flight, keeps the rest
+            raise RewardPluginError(
+                f"{e}; the run stopped after step {self.step_count}: fix the plugin and rerun the same "
+                "command to resume from the newest checkpoint"
+            ) from None
 
     def logprobs(self, batch: Batch) -> dict[str, float]:
         """Phase 5: old (policy) and reference logprobs on the batch, at the sampling temperature, from the
@@ -469,32 +660,115 @@ class GRPOTrainer(Trainer):
             batch["ref_logprobs"] = self.parts.reference.logprobs(batch)["logprobs"]
         if self.cfg.rollout.temperature != 1.0:
             return {}
-        return logprob_gap(batch["old_logprobs"], batch["sampler_logprobs"], batch["response_mask"])
+        old, sampler, mask = batch["old_logprobs"], batch["sampler_logprobs"], batch["response_mask"]
+        metrics = logprob_gap(old, sampler, mask)
+        if self.cfg.algorithm.loss.tis_cap is not None:  # T = 1 here (the config refuses TIS at T != 1)
+            from algorithms.losses import truncated_is_weights
+
+            batch["is_weights"], tis = truncated_is_weights(
+                old, sampler, mask, self.cfg.algorithm.loss.tis_cap
+            )
+            metrics |= tis
+        return metrics
 
     def advantages(self, batch: Batch) -> dict[str, float] | None:
         """Phase 6: the configured estimator."""
         batch["advantages"] = advantages_of(batch, self.cfg.algorithm)
 
     def train(self, batch: Batch) -> dict[str, float]:
-        """Phase 7: one optimizer step per global batch of sequences."""
-        train_batch = {k: v for k, v in batch.items() if k not in ("sampler_logprobs", "rewards", "correct")}
-        parts = self.cfg.optimizer_steps_per_step
-        metrics = mean_metrics([self.parts.policy.train(mb) for mb in split_batch(train_batch, parts)])
+        """Phase 7: algorithm.ppo_epochs passes over the rollout, each over its sequences in an order drawn
+        from (seed, step, pass), one optimizer step per mini-batch of train.global_batch_size sequences
+        (`train_mini_batch`). From the second mini-batch on the policy has moved: the ratio to old_logprobs
+        leaves 1 and the clip acts (train/clip_frac). Metrics: means over the mini-batches."""
+        rollout = self.train_inputs(batch)
+        rows = [
+            self.train_mini_batch(mb)
+            for epoch in range(self.cfg.algorithm.ppo_epochs)
+            for mb in split_batch(self._shuffled(rollout, epoch), self.cfg.mini_batches)
+        ]
+        return mean_metrics(rows)
+
+    def train_inputs(self, batch: Batch) -> Batch:
+        """What the mini-batches are cut from: the policy's inputs (ref_logprobs only for a KL loss term;
+        with algorithm.overlong.filter, truncated responses masked out of the loss)."""
+        keys = POLICY_KEYS + (("ref_logprobs",) if self.cfg.algorithm.loss.kl_coef > 0 else ())
+        rollout = {k: batch[k] for k in keys if k in batch}
+        if "truncated" in batch:
+            rollout["response_mask"] = batch["response_mask"] * (1.0 - batch["truncated"]).unsqueeze(-1)
+        return rollout
+
+    def train_mini_batch(self, mb: Batch) -> dict[str, float]:
+        """One optimizer step of the policy; its metrics as train/* (or their own section, e.g. tis/)."""
+        metrics = self.parts.policy.train(mb)
         return {k if "/" in k else f"train/{k}": v for k, v in metrics.items()}
 
+    def _shuffled(self, batch: Batch, epoch: int) -> Batch:
+        """The rows in an order drawn from (seed, step, epoch): a resumed run shuffles as the first did."""
+        seed = self.cfg.train.seed * 1_000_003 + self.step_count * 1009 + epoch
+        order = torch.randperm(batch["input_ids"].shape[0], generator=torch.Generator().manual_seed(seed))
+        return {k: v[order] for k, v in batch.items()}
+
+    def sample(self, times: dict[str, float]) -> tuple[Rollouts, dict[str, float]]:
+        """Phases 1, 3 and 4: the next prompts, their samples and scores. With rollout.dynamic_sampling
+        (DAPO), rounds of them until rollout.prompts_per_step groups have rewards (as `shaped_rewards` makes
+        them) that are not all equal: the others are dropped, and surplus groups of the last round too.
+        Each round takes the loader's next prompts, so a resumed run (the loader's position is part of
+        every checkpoint) samples what the first one did. InputError when max_rounds are not enough."""
+        ds, wanted = self.cfg.rollout.dynamic_sampling, self.cfg.rollout.prompts_per_step
+        kept: list[Rollouts] = []
+        sampled = dropped = 0
+        for round_ in range(1, (ds.max_rounds if ds.enabled else 1) + 1):
+            rollouts = self.next_prompts()
+            with timed(times, "generate"):
+                self.generate(rollouts, round_=round_ - 1)
+            with timed(times, "score"):
+                self.score(rollouts)
+            if not ds.enabled:
+                return rollouts, {}
+            batch = build_batch(rollouts.results, rollouts.scores, self.pad_id)
+            constant = constant_groups(shaped_rewards(batch, self.cfg), batch["group_index"]).tolist()
+            kept.append(take_prompts(rollouts, [i for i, c in enumerate(constant) if not c]))
+            sampled, dropped = sampled + len(constant), dropped + sum(constant)
+            if sum(len(r.rows) for r in kept) >= wanted:
+                metrics = {
+                    "rollout/dynamic_rounds": float(round_),
+                    "rollout/groups_dropped": float(dropped),
+                    "rollout/prompts_sampled": float(sampled),
+                }
+                return take_prompts(join_rollouts(kept), range(wanted)), metrics
+        raise InputError(
+            f"rollout.dynamic_sampling: {ds.max_rounds} rounds of {wanted} prompts left "
+            f"{sum(len(r.rows) for r in kept)} of the {wanted} groups whose rewards differ at step "
+            f"{self.step_count + 1} (every sample of the others got the same reward: the prompts are too easy or "
+            "too hard for the model); raise rollout.dynamic_sampling.max_rounds, or turn it off"
+        )
+
+    def shape_rewards(self, batch: Batch, rollouts: Rollouts) -> dict[str, float]:
+        """batch["rewards"] as the advantages see them (`shaped_rewards`: DAPO's overlong penalty), and with
+        algorithm.overlong.filter batch["truncated"] (B,) 1.0 for a response cut at max_tokens."""
+        overlong = self.cfg.algorithm.overlong
+        if overlong.filter:
+            finished = [s.finish_reason for r in rollouts.results for s in r.samples]
+            batch["truncated"] = torch.tensor([float(reason == "length") for reason in finished])
+        if overlong.buffer_len == 0:
+            return {}
+        shaped = shaped_rewards(batch, self.cfg)
+        penalty = shaped - batch["rewards"]
+        batch["rewards"] = shaped
+        return {"reward/overlong_penalty": float(penalty.mean()), "reward/shaped_mean": float(shaped.mean())}
+
     def step(self) -> dict[str, float]:
-        """One GRPO step: phases 1-4 make the batch, then `batch_phases`; returns the step's metrics."""
+        """One GRPO step: refit, phases 1, 3, 4 (`sample`) make the batch and its rewards (`shape_rewards`),
+        then `batch_phases`; returns the step's metrics."""
         times: dict[str, float] = {}
         start = time.perf_counter()
-        rollouts = self.next_prompts()
         with timed(times, "refit"):
             self.refit()
-        with timed(times, "generate"):
-            self.generate(rollouts)
-        with timed(times, "score"):
-            self.score(rollouts)
+        rollouts, sampling = self.sample(times)
         batch = build_batch(rollouts.results, rollouts.scores, self.pad_id)
-        metrics = rollout_metrics(batch, rollouts.scores, rollouts.results)
+        metrics = rollout_metrics(batch, rollouts.scores, rollouts.results) | sampling
+        metrics |= episode_metrics(rollouts.episodes)
+        metrics |= self.shape_rewards(batch, rollouts)
         for phase in self.batch_phases:
             with timed(times, phase):
                 metrics.update(getattr(self, phase)(batch) or {})
@@ -532,9 +806,7 @@ class GRPOTrainer(Trainer):
             }
         )
         self.parts.generator.wake_up()
-        rollouts.results = self.parts.generator.generate(
-            sampling_requests(rollouts.prompt_ids, eval_cfg, 0, greedy)
-        )
+        sample_rollouts(self.parts, rollouts, eval_cfg, 0, greedy)
         if self.parts.colocated:
             self.parts.generator.sleep()
         self.score(rollouts)

@@ -8,17 +8,24 @@ Normalisation (`aggregate`, verl's loss_agg_mode):
     token_mean            sum of token losses / number of loss tokens
     seq_mean_token_sum    sum over sequences of (sum of the sequence's token losses) / number of sequences
     seq_mean_token_mean   sum over sequences of (mean of the sequence's token losses) / number of sequences
+    seq_mean_token_sum_norm
+                          sum over sequences of (sum of the sequence's token losses / norm_length) / number
+                          of sequences, norm_length a constant (Dr. GRPO, Liu et al. 2025: the maximum
+                          response length): a token weighs the same in a short sequence as in a long one
 Sequences without a loss token count in neither numerator nor denominator. `global_count` replaces the
 local denominator with the step's total (tokens or sequences over every micro-batch and data-parallel
 rank; `loss_count` gives one micro-batch's share): each micro-batch's loss is then its share of the step
 loss, so gradients SUM over micro-batches and dp ranks to the gradient of the whole step's loss, which is
-the engine's contract (core/engine.py).
+the engine's contract (core/engine.py). verl's seq-mean-token-sum-norm divides a micro-batch's summed
+token losses by the constant only (and averages micro-batches): ours is that / the sequences per
+micro-batch, the Dr. GRPO objective whatever the micro-batch size.
 
 Policy losses (POLICY_LOSSES) share one signature (`PolicyLossFn`), so a config picks one by name:
     fn(logprobs, old_logprobs, advantages, response_mask, *, clip_low, clip_high, dual_clip, agg_mode,
-       global_count) -> (loss: scalar tensor, metrics: dict[str, scalar tensor])
+       global_count, norm_length, is_weights) -> (loss: scalar tensor, metrics: dict[str, scalar tensor])
 old_logprobs=None means on-policy (old = logprobs.detach(): ratio 1, value and gradient of the surrogate
-at the sampling policy). Metrics are detached; keys ending in _max / _min are extremes over the local
+at the sampling policy). is_weights (B, T): constant per-token weights multiplying the token losses
+before aggregation (truncated importance sampling against the sampler: `truncated_is_weights`). Metrics are detached; keys ending in _max / _min are extremes over the local
 mask (-inf / +inf without tokens), every other key is a mean over the local mask's tokens (0 without
 tokens), so a caller combines micro-batches by weighting means with their token counts.
 
@@ -33,7 +40,7 @@ import torch
 
 from algorithms.registry import Registry
 
-AGG_MODES = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
+AGG_MODES = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 LOG_RATIO_LIMIT = 20.0  # |log ratio| is clamped here before exp: exp(20) ~ 5e8 stays finite in fp32
 K3_MAX = 10.0  # k3 is clamped from above (verl's low_var_kl): one bad token cannot dominate the penalty
 
@@ -53,6 +60,8 @@ class PolicyLossFn(Protocol):
         dual_clip: float | None = None,
         agg_mode: str = "token_mean",
         global_count: float | torch.Tensor | None = None,
+        norm_length: float | None = None,
+        is_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Metrics]: ...
 
 
@@ -111,21 +120,66 @@ def aggregate(
     response_mask: torch.Tensor,
     mode: str = "token_mean",
     global_count: float | torch.Tensor | None = None,
+    norm_length: float | None = None,
 ) -> torch.Tensor:
     """Reduce per-token losses (B, T) to a scalar by `mode` (module docstring). global_count: the step's
     total number of tokens (token_mean) or sequences (seq_mean_*) over all micro-batches and dp ranks;
-    None: this batch's own count (then the result is the batch's mean)."""
+    None: this batch's own count (then the result is the batch's mean). norm_length: the constant of
+    seq_mean_token_sum_norm (required there, unused by the other modes)."""
     _check_mode(mode)
     mask = response_mask.bool()
     per_seq = masked_sum(loss_tok, mask, dim=-1)  # (B,)
     if mode == "seq_mean_token_mean":
         per_seq = per_seq / mask.sum(dim=-1).clamp(min=1)
+    elif mode == "seq_mean_token_sum_norm":
+        if norm_length is None or norm_length <= 0:
+            raise ValueError(f"agg_mode=seq_mean_token_sum_norm needs a norm_length > 0, got {norm_length}")
+        per_seq = per_seq / norm_length
     total = per_seq.sum()
     count = loss_count(mask, mode) if global_count is None else torch.as_tensor(global_count)
     return total / count.to(device=total.device, dtype=total.dtype).clamp(min=1)
 
 
 # ---- policy losses --------------------------------------------------------------------------------------
+
+
+def _weighted(
+    loss_tok: torch.Tensor,
+    response_mask: torch.Tensor,
+    agg_mode: str,
+    global_count: float | torch.Tensor | None,
+    norm_length: float | None,
+    is_weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """`aggregate` of the token losses times the constant importance weights (when given)."""
+    if is_weights is not None:
+        loss_tok = loss_tok * is_weights.detach()
+    return aggregate(loss_tok, response_mask, agg_mode, global_count, norm_length)
+
+
+def truncated_is_weights(
+    old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, response_mask: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework secretly brings
+    you off-policy RL training"; verl's tis_imp_ratio_cap): per-token w = min(exp(old - sampler), cap),
+    the ratio of the trainer's policy at the step's start to the sampler that drew the tokens (an engine
+    with other kernels or precision), truncated so that no token the sampler over-sampled dominates. Both
+    logprobs must be of one distribution (the same temperature).
+
+    Returns (weights (B, T) fp32 without gradient, 1 off the mask; metrics over the mask: tis/weight_mean,
+    tis/weight_max (after truncation), tis/clipped_frac (tokens whose ratio exceeded cap))."""
+    if cap <= 0:
+        raise ValueError(f"the TIS cap must be > 0, got {cap}")
+    mask = response_mask.bool()
+    log_ratio = old_logprobs.detach().float() - sampler_logprobs.float()
+    ratio = log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT).exp()
+    weights = torch.where(mask, ratio.clamp(max=cap), 1.0)
+    metrics = {
+        "tis/weight_mean": float(masked_mean(weights, mask)),
+        "tis/weight_max": float(masked_max(weights, mask)) if mask.any() else 0.0,
+        "tis/clipped_frac": float(masked_mean((ratio > cap).float(), mask)),
+    }
+    return weights, metrics
 
 
 def _log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None) -> torch.Tensor:
@@ -167,6 +221,8 @@ def ppo_clip(
     dual_clip: float | None = None,
     agg_mode: str = "token_mean",
     global_count: float | torch.Tensor | None = None,
+    norm_length: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Token-level PPO clipped surrogate, ratio r = exp(logprobs - old_logprobs) per token.
 
@@ -189,7 +245,7 @@ def ppo_clip(
         "clip_frac_lower": masked_mean(dual_capped.float(), response_mask),
         **_ratio_metrics(log_ratio, response_mask),
     }
-    return aggregate(loss_tok, response_mask, agg_mode, global_count), metrics
+    return _weighted(loss_tok, response_mask, agg_mode, global_count, norm_length, is_weights), metrics
 
 
 @POLICY_LOSSES.register("gspo")
@@ -204,6 +260,8 @@ def gspo(
     dual_clip: float | None = None,
     agg_mode: str = "seq_mean_token_mean",
     global_count: float | torch.Tensor | None = None,
+    norm_length: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """GSPO (Zheng et al. 2025): the clipped surrogate on the sequence ratio s = exp(mean over the
     sequence's tokens of the log ratio).
@@ -223,7 +281,7 @@ def gspo(
         "clip_frac": masked_mean(is_clipped.float(), mask),
         **_ratio_metrics(log_seq_ratio, mask),
     }
-    return aggregate(loss_tok, mask, agg_mode, global_count), metrics
+    return _weighted(loss_tok, mask, agg_mode, global_count, norm_length, is_weights), metrics
 
 
 @POLICY_LOSSES.register("reinforce")
@@ -238,6 +296,8 @@ def reinforce(
     dual_clip: float | None = None,
     agg_mode: str = "token_mean",
     global_count: float | torch.Tensor | None = None,
+    norm_length: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """REINFORCE surrogate -A * w * logprobs per token, w a constant (no gradient) importance weight.
 
@@ -256,7 +316,7 @@ def reinforce(
         "clip_frac": masked_mean((weight != ratio).float(), response_mask),
         **_ratio_metrics(log_ratio, response_mask),
     }
-    return aggregate(loss_tok, response_mask, agg_mode, global_count), metrics
+    return _weighted(loss_tok, response_mask, agg_mode, global_count, norm_length, is_weights), metrics
 
 
 # ---- KL estimators --------------------------------------------------------------------------------------

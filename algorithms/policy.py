@@ -8,6 +8,8 @@ It wraps a core ModelEngine (tp, pp, dp, ZeRO-1) and speaks the RL batch convent
       advantages     (B, T)        token-level (sequence estimators broadcast over the response)
       old_logprobs   (B, T)        optional: logprobs of the policy that sampled / the step's start
       ref_logprobs   (B, T)        needed when loss.kl_coef > 0
+      is_weights     (B, T)        optional: constant per-token weights of the policy-gradient loss
+                                   (truncated importance sampling against the sampler, loss.tis_cap)
     token-aligned: value[:, t] belongs to token input_ids[:, t] (its logprob given the prefix; position 0
     has none and holds 0).
 
@@ -45,7 +47,8 @@ from core.tensor_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
 from core.transformer.config import TransformerConfig
 from rollout.refit import gather_to_rank0_over_pp, training_weights_to_hf
 
-AggMode = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]  # = losses.AGG_MODES
+# = losses.AGG_MODES
+AggMode = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 
 
 class PolicyLossConfig(Schema):
@@ -59,7 +62,25 @@ class PolicyLossConfig(Schema):
     kl_coef: float = Field(0.0, ge=0, description="weight of the KL to the reference (needs ref_logprobs)")
     kl_estimator: str = Field("k3", description="a KL_ESTIMATORS name: k1, k2, k3")
     entropy_coef: float = Field(0.0, ge=0, description="weight of the entropy bonus")
-    agg_mode: AggMode = "token_mean"
+    agg_mode: AggMode = Field(
+        "token_mean",
+        description="token_mean | seq_mean_token_sum | seq_mean_token_mean | seq_mean_token_sum_norm (each "
+        "sequence's token sum / norm_length, then the mean over sequences: Dr. GRPO)",
+    )
+    norm_length: int | None = Field(
+        None,
+        ge=1,
+        description="agg_mode=seq_mean_token_sum_norm: the constant every sequence's token sum is divided "
+        "by (Dr. GRPO: the maximum response length); none: rollout.max_tokens",
+    )
+    tis_cap: float | None = Field(
+        None,
+        gt=0,
+        description="truncated importance sampling (Yao et al. 2025, verl's tis_imp_ratio_cap): each token's "
+        "policy-gradient loss is weighted by min(exp(old_logprobs - sampler_logprobs), tis_cap), correcting "
+        "for a sampler whose probabilities differ from the trainer's (e.g. vLLM in bf16); e.g. 2. Needs "
+        "rollout.temperature=1 (the sampler's logprobs are raw); none: off",
+    )
 
     @field_validator("name")
     @classmethod
@@ -131,6 +152,8 @@ class PolicyModel(EngineModel):
         super().__init__(engine, micro_batch_size)
         if temperature <= 0:
             raise InputError(f"temperature must be > 0, got {temperature}")
+        if loss.agg_mode == "seq_mean_token_sum_norm" and loss.norm_length is None:
+            raise InputError("loss.agg_mode=seq_mean_token_sum_norm needs loss.norm_length (the constant)")
         self.loss, self.clip_grad = loss, clip_grad
         self.temperature, self.arch = temperature, arch
 
@@ -222,7 +245,8 @@ class PolicyModel(EngineModel):
         global_count: the step's normaliser, loss tokens (agg_mode token_mean) or sequences with a loss
         token (seq_mean_*) over ALL dp ranks; None: summed from the local batch over groups.dp_cp_group.
         Pass it when dp ranks train on slices of one step in several calls. old_logprobs missing means
-        on-policy (ratio 1). kl_coef > 0 needs ref_logprobs.
+        on-policy (ratio 1). kl_coef > 0 needs ref_logprobs. is_weights, when present, weight each token's
+        policy-gradient loss (not the KL or entropy terms).
         """
         cfg = self.loss
         for key in ("response_mask", "advantages"):
@@ -230,7 +254,7 @@ class PolicyModel(EngineModel):
                 raise InputError(f"PolicyModel.train: batch has no {key!r}")
         if cfg.kl_coef > 0 and "ref_logprobs" not in batch:
             raise InputError("PolicyModel.train: loss.kl_coef > 0 needs ref_logprobs in the batch")
-        keys = ("input_ids", "response_mask", "advantages", "old_logprobs")
+        keys = ("input_ids", "response_mask", "advantages", "old_logprobs", "is_weights")
         keys += ("ref_logprobs",) if cfg.kl_coef > 0 else ()
         mbs = self._micro_batches(batch, keys)
         count = self._step_count(mbs, cfg.agg_mode, global_count)
@@ -257,11 +281,14 @@ class PolicyModel(EngineModel):
                 dual_clip=cfg.dual_clip,
                 agg_mode=cfg.agg_mode,
                 global_count=count,
+                norm_length=cfg.norm_length,
+                is_weights=mb.get("is_weights"),
             )
-            entropy_share = aggregate(entropy, mask, cfg.agg_mode, count)
+            entropy_share = aggregate(entropy, mask, cfg.agg_mode, count, cfg.norm_length)
             kl_share = torch.zeros_like(pg_loss)
             if cfg.kl_coef > 0:
-                kl_share = aggregate(kl_estimator(logprobs, mb["ref_logprobs"]), mask, cfg.agg_mode, count)
+                kl_tok = kl_estimator(logprobs, mb["ref_logprobs"])
+                kl_share = aggregate(kl_tok, mask, cfg.agg_mode, count, cfg.norm_length)
             loss = pg_loss + cfg.kl_coef * kl_share - cfg.entropy_coef * entropy_share
             shares = {"pg_loss": pg_loss, "kl": kl_share, "entropy": entropy_share}
             stats.add({k: v.detach() for k, v in shares.items()}, pg_metrics, float(mask.bool().sum()))

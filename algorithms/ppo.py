@@ -3,8 +3,9 @@
 One step (DESIGN.md "One GRPO step", the flow every RL loop follows), phases as methods:
     prompts -> refit -> generate -> score -> logprobs (old, ref) -> values (critic) -> advantages (token
     rewards with the KL penalty, GAE) -> train (ppo_epochs x mini-batches: critic, then policy) -> log/...
-PPOTrainer is GRPOTrainer with the `values` phase added and `advantages` / `train` replaced
-(GRPOTrainer.batch_phases); prompts, refit, generation, scoring, evaluation and export are GRPO's.
+PPOTrainer is GRPOTrainer with the `values` phase added (GRPOTrainer.batch_phases), `advantages` replaced
+and the critic's step added to each mini-batch of GRPO's `train` (its epochs x mini-batches); prompts,
+refit, generation, scoring (dynamic sampling, overlong shaping), evaluation and export are GRPO's.
 
 Reward: the environment's score of each response (a verifier, a reward model trained with `rl rm`, or a
 verifier plus a weighted reward model: `environment.reward_model`) on the response's last token, minus
@@ -42,10 +43,8 @@ from algorithms.grpo import (
     GRPOConfig,
     GRPOTrainer,
     Inputs,
-    mean_metrics,
-    split_batch,
+    PolicyUpdateConfig,
 )
-from algorithms.inprocess_policy import PolicyLossConfig
 from algorithms.interfaces import Batch
 from algorithms.rl_inputs import Row
 from core.config import InputPath, OptimConfig, RunConfig, Schema
@@ -76,7 +75,7 @@ class PPOEnvironmentConfig(EnvironmentConfig):
         if self.name == "reward_model" and self.reward_model is not None:
             raise ValueError(
                 "environment.reward_model adds a reward model to a verifier: set environment.name to the "
-                "verifier (arithmetic, exact_match, math), or drop environment.reward_model"
+                "verifier (arithmetic, exact_match, math) or plugin, or drop environment.reward_model"
             )
         return self
 
@@ -122,19 +121,12 @@ class KLInRewardConfig(Schema):
         return self
 
 
-class PPOAlgorithmConfig(Schema):
+class PPOAlgorithmConfig(PolicyUpdateConfig):
+    """GRPO's ppo_epochs, loss and overlong, plus GAE's settings and the KL in the reward."""
+
     gamma: float = Field(1.0, ge=0, le=1, description="GAE's discount")
     lam: float = Field(0.95, ge=0, le=1, description="GAE's lambda (1: Monte-Carlo returns minus values)")
     whiten_advantages: bool = Field(True, description="advantages whitened over the step's response tokens")
-    ppo_epochs: int = Field(
-        1,
-        ge=1,
-        description="passes over each rollout; every pass takes one optimizer step per mini-batch of "
-        "train.global_batch_size sequences, shuffled per pass",
-    )
-    loss: PolicyLossConfig = Field(
-        default_factory=PolicyLossConfig, description="the policy loss; loss.kl_coef: the KL as a loss term"
-    )
     kl_in_reward: KLInRewardConfig = Field(default_factory=KLInRewardConfig)
 
 
@@ -175,17 +167,12 @@ class PPOConfig(GRPOConfig):
         return self
 
     @property
-    def mini_batches(self) -> int:
-        """Mini-batches (optimizer steps) per pass over a rollout."""
-        return self.optimizer_steps_per_step
-
-    @property
     def policy_optimizer_steps(self) -> int:
-        return (self.train.max_steps - self.critic.warmup) * self.algorithm.ppo_epochs * self.mini_batches
+        return (self.train.max_steps - self.critic.warmup) * self.optimizer_steps_per_step
 
     @property
     def critic_optimizer_steps(self) -> int:
-        return self.train.max_steps * self.algorithm.ppo_epochs * self.mini_batches
+        return self.train.max_steps * self.optimizer_steps_per_step
 
     @property
     def uses_reference(self) -> bool:
@@ -213,7 +200,7 @@ class VerifierPlusRewardModel:
     def score(self, completions: Sequence[Completion]) -> list[Score]:
         judged, scored = self.verifier.score(completions), self.reward_model.score(completions)
         return [
-            Score(v.reward + self.weight * m.reward, v.correct, v.well_formed)
+            Score(v.reward + self.weight * m.reward, v.correct, v.well_formed, v.metrics)
             for v, m in zip(judged, scored, strict=True)
         ]
 
@@ -280,12 +267,13 @@ class PPOComponents(Components):
     critic: Critic | None = None
 
 
-POLICY_KEYS = ("input_ids", "response_mask", "advantages", "old_logprobs", "ref_logprobs")
 CRITIC_KEYS = ("input_ids", "response_mask", "returns", "old_values")
+CRITIC_ONLY_KEYS = ("returns", "old_values")
 
 
 class PPOTrainer(GRPOTrainer):
-    """GRPOTrainer with a critic: the `values` phase, GAE `advantages` and an epochs x mini-batches `train`."""
+    """GRPOTrainer with a critic: the `values` phase, GAE `advantages`, and the critic's step before the
+    policy's in every mini-batch of GRPO's epochs x mini-batches `train`."""
 
     stage: ClassVar[str] = "ppo"
     shown: ClassVar[tuple[str, ...]] = ("reward/mean", "eval/accuracy", "critic/vf_loss", "train/clip_frac")
@@ -338,29 +326,18 @@ class PPOTrainer(GRPOTrainer):
         metrics["critic/explained_variance"] = float(explained_variance(batch["values"], returns, mask))
         return metrics
 
-    def train(self, batch: Batch) -> dict[str, float]:
-        """ppo_epochs passes, each over the rollout's sequences shuffled, one optimizer step per mini-batch
-        for the critic and (after critic.warmup steps) the policy. Metrics: means over the mini-batches,
-        critic/* for the critic, train/* for the policy."""
-        keys = POLICY_KEYS if self.cfg.algorithm.loss.kl_coef > 0 else POLICY_KEYS[:-1]
-        rollout = {k: batch[k] for k in keys} | {"returns": batch["returns"], "old_values": batch["values"]}
-        train_policy = self.step_count >= self.cfg.critic.warmup
-        rows = []
-        for epoch in range(self.cfg.algorithm.ppo_epochs):
-            for mb in split_batch(self._shuffled(rollout, epoch), self.cfg.mini_batches):
-                critic = self.parts.critic.train({k: mb[k] for k in CRITIC_KEYS})
-                row = {f"critic/{k}": v for k, v in critic.items()}
-                if train_policy:
-                    policy = self.parts.policy.train({k: mb[k] for k in keys})
-                    row |= {k if "/" in k else f"train/{k}": v for k, v in policy.items()}
-                rows.append(row)
-        return mean_metrics(rows)
+    def train_inputs(self, batch: Batch) -> Batch:
+        """GRPO's (the policy's inputs) plus the critic's targets and the values the rollout saw."""
+        return super().train_inputs(batch) | {"returns": batch["returns"], "old_values": batch["values"]}
 
-    def _shuffled(self, batch: Batch, epoch: int) -> Batch:
-        """The rows in an order drawn from (seed, step, epoch): a resumed run shuffles as the first did."""
-        seed = self.cfg.train.seed * 1_000_003 + self.step_count * 1009 + epoch
-        order = torch.randperm(batch["input_ids"].shape[0], generator=torch.Generator().manual_seed(seed))
-        return {k: v[order] for k, v in batch.items()}
+    def train_mini_batch(self, mb: Batch) -> dict[str, float]:
+        """One optimizer step of the critic (critic/*), then, after critic.warmup steps, of the policy
+        (GRPO's: train/*). `train` (GRPO's) runs the ppo_epochs passes of mini-batches."""
+        critic = self.parts.critic.train({k: mb[k] for k in CRITIC_KEYS})
+        row = {f"critic/{k}": v for k, v in critic.items()}
+        if self.step_count >= self.cfg.critic.warmup:
+            row |= super().train_mini_batch({k: v for k, v in mb.items() if k not in CRITIC_ONLY_KEYS})
+        return row
 
     # ---- checkpoints: the policy (GRPO's), the critic and beta --------------------------------------------
 

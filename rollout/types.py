@@ -144,12 +144,16 @@ class Sample:
     token_ids[i] (which distribution is the engine's contract: vLLM returns raw model logprobs,
     pre-temperature and pre-filter); None when the request did not ask for them. text is the
     detokenized response (stop strings removed), None when the engine has no tokenizer.
+    loss_mask[i] is 1 when the policy generated token_ids[i] and 0 when something else put it there (a
+    multi-turn environment's observation, rollout/multiturn.py; its logprob is a 0.0 placeholder); None
+    means every token is the policy's (what an engine returns).
     """
 
     token_ids: list[int]
     logprobs: list[float] | None
     finish_reason: FinishReason
     text: str | None = None
+    loss_mask: list[int] | None = None
 
 
 @dataclass(frozen=True)

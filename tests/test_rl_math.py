@@ -70,7 +70,13 @@ def test_registry_get_names_and_did_you_mean() -> None:
         reg.register("alpha")(alpha)
     assert POLICY_LOSSES.names() == ["gspo", "ppo_clip", "reinforce"]
     assert KL_ESTIMATORS.names() == ["k1", "k2", "k3"]
-    assert ADVANTAGES.names() == ["gae", "grpo", "reinforce_plus_plus", "rloo"]
+    assert ADVANTAGES.names() == [
+        "gae",
+        "grpo",
+        "reinforce_plus_plus",
+        "reinforce_plus_plus_baseline",
+        "rloo",
+    ]
 
 
 # ---- aggregation ----------------------------------------------------------------------------------------

@@ -37,11 +37,13 @@ class Completion:
 class Score:
     """reward: what the policy maximises. correct: whether the answer is right (accuracy metrics; a shaped
     reward such as a format bonus never makes a wrong answer correct). well_formed: an answer could be
-    extracted and the response ended properly."""
+    extracted and the response ended properly. metrics: extra per-completion numbers (a reward plugin's
+    parts), logged as reward/NAME, the mean over a step's completions."""
 
     reward: float
     correct: bool
     well_formed: bool
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 class Environment(ABC):

@@ -37,14 +37,8 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from algorithms.critic import ValueLossConfig
-from algorithms.grpo import (
-    Components,
-    EnvironmentConfig,
-    GRPOConfig,
-    GRPOTrainer,
-    Inputs,
-    PolicyUpdateConfig,
-)
+from algorithms.grpo import Components, GRPOConfig, GRPOTrainer, Inputs
+from algorithms.grpo_config import EnvironmentConfig, PolicyUpdateConfig
 from algorithms.interfaces import Batch
 from algorithms.rl_inputs import Row
 from core.config import InputPath, OptimConfig, RunConfig, Schema

@@ -132,7 +132,7 @@ def test_malformed_rows_are_named(env, row, match):
 
 
 def test_options_from_the_grpo_config():
-    from algorithms.grpo import EnvironmentConfig
+    from algorithms.grpo_config import EnvironmentConfig
 
     if isolation_error() is not None:
         pytest.skip(isolation_error())

@@ -13,15 +13,9 @@ import pytest
 import torch
 from tiny_llama import tiny_llama_config
 
-from algorithms.grpo import (
-    GRPOConfig,
-    advantages_of,
-    build_batch,
-    logprob_gap,
-    sampling_requests,
-    split_batch,
-)
+from algorithms.grpo import GRPOConfig
 from algorithms.rl_inputs import PromptLoader, resolve_init
+from algorithms.rollouts import advantages_of, build_batch, logprob_gap, sampling_requests, split_batch
 from core.errors import InputError
 from rollout.environments import Completion, Score
 from rollout.types import GenerationResult, Sample
@@ -192,8 +186,9 @@ def test_logprob_gap_is_zero_after_refit_and_large_without(pretrained):
     """Trainer and sampler agree in fp32 when they hold the same weights (colocated: the same tensors;
     separate engine: after refit), and the gap metric exposes an engine left on stale weights."""
     from algorithms.evaluation import encode_prompt
-    from algorithms.grpo import GRPOConfig, advantages_of, build_policy, sampling_requests
+    from algorithms.grpo import GRPOConfig, build_policy
     from algorithms.rl_inputs import load_init_model
+    from algorithms.rollouts import advantages_of, sampling_requests
     from core.data.tokenizer import load_tokenizer
     from rollout.engines.native import NativeEngine
     from rollout.environments import build_environment

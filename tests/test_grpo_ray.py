@@ -262,7 +262,8 @@ def test_colocated_grpo_with_lora_on_ray(ray_cluster, hf_dir: Path, tmp_path: Pa
 
 
 def test_disaggregated_refit_moves_the_weights(ray_cluster, hf_dir: Path, tmp_path: Path) -> None:
-    from algorithms.grpo import GRPOTrainer, sampling_requests, write_hf
+    from algorithms.grpo import GRPOTrainer, write_hf
+    from algorithms.rollouts import sampling_requests
     from rl.grpo_cluster import ClusterRun
     from rollout.engines.native import NativeEngine
 

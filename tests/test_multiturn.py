@@ -12,12 +12,11 @@ import pytest
 import torch
 from tiny_llama import tiny_llama_config
 
-from algorithms.grpo import (
-    GRPOConfig,
+from algorithms.grpo import GRPOConfig, build_policy
+from algorithms.rollouts import (
     Rollouts,
     advantages_of,
     build_batch,
-    build_policy,
     completions_of,
     logprob_gap,
     sample_rollouts,

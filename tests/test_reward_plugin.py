@@ -14,7 +14,8 @@ import pytest
 import torch
 from test_grpo import pretrained  # noqa: F401 -- the module fixture: a tiny Llama taught arithmetic briefly
 
-from algorithms.grpo import EnvironmentConfig, rollout_metrics
+from algorithms.grpo_config import EnvironmentConfig
+from algorithms.rollouts import rollout_metrics
 from core.errors import InputError
 from rollout.environments import Completion
 from rollout.environments.plugin import PluginEnvironment, RewardPluginError

@@ -19,7 +19,7 @@ import pytest
 import torch
 from tiny_llama import save_random_tiny_llama
 
-from algorithms.grpo import build_batch, sampling_requests
+from algorithms.rollouts import build_batch, sampling_requests
 from core.config import OptimConfig, ParallelConfig
 from rollout.environments import Score
 
@@ -66,7 +66,7 @@ def policy_worker(spec):
 
 
 def sampled_batch(worker, greedy: bool = False) -> dict[str, torch.Tensor]:
-    from algorithms.grpo import RolloutConfig
+    from algorithms.grpo_config import RolloutConfig
 
     cfg = RolloutConfig(n=4, max_tokens=6, temperature=1.0)
     results = worker.generate(sampling_requests(PROMPTS, cfg, seed=3, greedy=greedy))

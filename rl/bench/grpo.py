@@ -114,15 +114,8 @@ def grpo_config(shape: GRPOShape, run_dir: Path) -> Any:
 
 def ours(config: TransformerConfig, state: dict[str, torch.Tensor], shape: GRPOShape) -> GRPOResult:
     """Full GRPO steps of the in-process loop; phase times from the loop's own timers."""
-    from algorithms.grpo import (
-        Components,
-        GRPOTrainer,
-        Rollouts,
-        build_policy,
-        build_reference,
-        needs_reference,
-        sampling_requests,
-    )
+    from algorithms.grpo import Components, GRPOTrainer, build_policy, build_reference, needs_reference
+    from algorithms.rollouts import Rollouts, sampling_requests
     from core.transformer.model import GPTModel
     from rollout.engines.native import NativeEngine
     from rollout.environments import Score

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from algorithms.advantages import constant_groups
+from algorithms.async_rollout import RolloutQueue
 from algorithms.grpo_config import GRPOConfig
 from algorithms.interfaces import Batch, Environment, Generator, Policy, Reference, WeightSync
 from algorithms.rl_inputs import PromptLoader, Row
@@ -108,6 +109,8 @@ class GRPOTrainer(Trainer):
         self.loader = PromptLoader(train_rows, cfg.rollout.prompts_per_step, cfg.train.seed, cfg.data.shuffle)
         self.eval_rows = eval_rows[: cfg.eval.num_prompts]
         self._synced_step = -1  # the step whose weights the generator holds
+        self.rollout_queue = RolloutQueue()  # rollout.asynchronous: generations launched ahead
+        self._staleness = 0  # of this step's samples (asynchronous rollouts)
         self.maybe_resume()
 
     # ---- phases ---------------------------------------------------------------------------------------
@@ -167,6 +170,11 @@ class GRPOTrainer(Trainer):
             return {}
         old, sampler, mask = batch["old_logprobs"], batch["sampler_logprobs"], batch["response_mask"]
         metrics = logprob_gap(old, sampler, mask)
+        if self._staleness > 0:  # samples of older weights: the gap is how far the policy moved since
+            metrics = {k.replace("logprob_gap", "stale_logprob_gap"): v for k, v in metrics.items()}
+            if self.cfg.rollout.asynchronous.correction == "behaviour":
+                batch["old_logprobs"] = sampler * mask  # the ratio to the policy that drew the samples
+                return metrics
         if self.cfg.algorithm.loss.tis_cap is not None:  # T = 1 here (the config refuses TIS at T != 1)
             from algorithms.losses import truncated_is_weights
 
@@ -248,6 +256,48 @@ class GRPOTrainer(Trainer):
             "too hard for the model); raise rollout.dynamic_sampling.max_rounds, or turn it off"
         )
 
+    def sample_async(self, times: dict[str, float]) -> tuple[Rollouts, dict[str, float]]:
+        """Phases 1, 3, 4 with rollout.asynchronous (algorithms/async_rollout.py): this step's samples,
+        launched max_staleness steps ago (now when none is pending), then, with the engines idle, a refit
+        and the launches that keep max_staleness generations running while this step trains.
+        time/generate is the wait for the samples; time/generate_background what generating them took."""
+        queue, ahead = self.rollout_queue, self.cfg.rollout.asynchronous.max_staleness
+        if not queue.pending:
+            with timed(times, "refit"):
+                self.refit()
+            self.launch(self.step_count)
+        with timed(times, "generate"):
+            launched, (rollouts, seconds) = queue.pop()
+            queue.drain()
+        with timed(times, "refit"):
+            self.refit()
+        while len(queue.pending) < ahead:
+            self.launch(self.step_count + 1 + len(queue.pending))
+        self._staleness = self.step_count - launched.version
+        times["time/generate_background"] = seconds
+        staleness = float(self._staleness)
+        return rollouts, {"rollout/staleness_mean": staleness, "rollout/staleness_max": staleness}
+
+    def launch(self, step: int) -> None:
+        """Draw step `step`'s prompts now and generate + score them in the background (the engines hold
+        the weights of the last refit: version `self._synced_step`)."""
+        loader_state = self.loader.state_dict()
+        rollouts = self.next_prompts()
+
+        def work() -> tuple[Rollouts, float]:
+            start = time.perf_counter()
+            self.generate(rollouts, step=step)
+            self.score(rollouts)
+            return rollouts, time.perf_counter() - start
+
+        self.rollout_queue.launch(step, self._synced_step, work, loader_state)
+
+    def fit(self) -> dict[str, float]:
+        try:
+            return super().fit()
+        finally:
+            self.rollout_queue.close()
+
     def shape_rewards(self, batch: Batch, rollouts: Rollouts) -> dict[str, float]:
         """batch["rewards"] as the advantages see them (`shaped_rewards`: DAPO's overlong penalty), and with
         algorithm.overlong.filter batch["truncated"] (B,) 1.0 for a response cut at max_tokens."""
@@ -267,10 +317,14 @@ class GRPOTrainer(Trainer):
         then `batch_phases`; returns the step's metrics."""
         times: dict[str, float] = {}
         start = time.perf_counter()
-        with timed(times, "refit"):
-            self.refit()
-        rollouts, sampling = self.sample(times)
+        if self.cfg.rollout.asynchronous.enabled:
+            rollouts, sampling = self.sample_async(times)
+        else:
+            with timed(times, "refit"):
+                self.refit()
+            rollouts, sampling = self.sample(times)
         batch = build_batch(rollouts.results, rollouts.scores, self.pad_id)
+        batch["staleness"] = torch.full((len(rollouts.scores),), float(self._staleness))
         metrics = rollout_metrics(batch, rollouts.scores, rollouts.results) | sampling
         metrics |= episode_metrics(rollouts.episodes)
         metrics |= self.shape_rewards(batch, rollouts)
@@ -290,6 +344,7 @@ class GRPOTrainer(Trainer):
         """Greedy accuracy (and mean reward) on the held-out prompts, with the current weights."""
         if not self.eval_rows:
             return {}
+        self.rollout_queue.drain()  # the engines are idle before a refit
         self.refit()
         greedy = self._eval_scores(greedy=True)
         n = max(1, len(greedy))
@@ -331,7 +386,9 @@ class GRPOTrainer(Trainer):
         self._synced_step = -1
 
     def loop_state(self) -> dict[str, Any]:
-        return {"data": self.loader.state_dict()}
+        """The prompt loader's position; with generations launched ahead, where it stood before them (a
+        resumed run draws their prompts again)."""
+        return {"data": self.rollout_queue.loader_state or self.loader.state_dict()}
 
     def load_loop_state(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state["data"])

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from algorithms.async_rollout import AsyncRolloutConfig
 from algorithms.inprocess_policy import PolicyLossConfig
 from algorithms.model_config import SourceModelConfig
 from algorithms.trainer import LoopConfig
@@ -69,6 +70,10 @@ class RolloutConfig(Schema):
     max_num_seqs: int = Field(64, ge=1, description="native: sequences decoded together")
     kv_cache_gib: float = Field(0.25, gt=0, description="vllm: KV cache size")
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
+    asynchronous: AsyncRolloutConfig = Field(
+        default_factory=AsyncRolloutConfig,
+        description="generate the next steps while this one trains (algorithms/async_rollout.py)",
+    )
 
 
 class EnvironmentConfig(Schema):
@@ -269,6 +274,30 @@ class GRPOConfig(LoopConfig):
             missing = [role for role in ("policy", "generation") if role not in placement.pools]
             if missing:
                 raise ValueError(f"placement.pools needs a size for {missing} (mode=disaggregated)")
+        return self
+
+    @model_validator(mode="after")
+    def _asynchronous(self) -> GRPOConfig:
+        a = self.rollout.asynchronous
+        if not a.enabled:
+            return self
+        if not self.on_ray or self.cluster_placement.mode != "disaggregated":
+            raise ValueError(
+                "rollout.asynchronous needs engines on workers of their own, generating while the policy "
+                "trains: a placement with mode=disaggregated (and pools for policy and generation)"
+            )
+        if self.rollout.dynamic_sampling.enabled:
+            raise ValueError("rollout.asynchronous and rollout.dynamic_sampling cannot be combined yet")
+        if a.correction == "tis" and self.algorithm.loss.tis_cap is None:
+            raise ValueError(
+                "rollout.asynchronous.correction=tis weights tokens by min(exp(trainer - sampler), cap): "
+                "set algorithm.loss.tis_cap (e.g. 2.0), or correction=behaviour"
+            )
+        if self.rollout.temperature != 1.0:
+            raise ValueError(
+                "rollout.asynchronous corrects stale samples with the sampler's logprobs, which are "
+                "untempered: it needs rollout.temperature=1"
+            )
         return self
 
     @model_validator(mode="after")

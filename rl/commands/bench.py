@@ -130,10 +130,21 @@ def _register_grpo(kinds: argparse._SubParsersAction) -> None:
     g.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     g.add_argument("--compile", action="store_true", help="torch.compile the policy's layers (ours)")
     g.add_argument("--no-baseline", action="store_true", help="skip TRL")
+    g.add_argument(
+        "--async",
+        dest="asynchronous",
+        action="store_true",
+        help="instead: the synchronous loop vs rollout.asynchronous on a local Ray cluster (engines on a worker "
+        "of their own, arithmetic task, CPU); uses --preset (default llama_tiny), --prompts, --n, --new-tokens "
+        "(default 24 here), --micro-batch-size, --steps, --warmup (default 1 here), --max-staleness",
+    )
+    g.add_argument("--max-staleness", type=int, default=1, help="--async: rollout.asynchronous.max_staleness")
     g.set_defaults(func=run_grpo)
 
 
 def run_grpo(args: argparse.Namespace) -> int:
+    if args.asynchronous:
+        return run_async_grpo(args)
     from core.models import preset
     from rl.bench.grpo import GRPOShape, format_table, run_grpo_bench
 
@@ -156,6 +167,31 @@ def run_grpo(args: argparse.Namespace) -> int:
     print(
         f"grpo bench: {args.preset}, {args.prompts} prompts x {args.n} samples x {args.new_tokens} new tokens "
         f"(prompt {args.prompt_len}), temperature {args.temperature}, kl {args.kl_coef}, {label}"
+    )
+    print(format_table(results))
+    return 0
+
+
+def run_async_grpo(args: argparse.Namespace) -> int:
+    from rl.bench.async_grpo import AsyncShape, format_table, run_async_bench
+
+    new_tokens = 24 if args.new_tokens == 256 else args.new_tokens  # 256: the GPU default of the TRL bench
+    warmup = 1 if args.warmup == 2 else args.warmup
+    shape = AsyncShape(
+        preset=args.preset,
+        prompts=args.prompts,
+        n=args.n,
+        new_tokens=new_tokens,
+        micro_batch_size=args.micro_batch_size,
+        steps=args.steps,
+        warmup=warmup,
+        max_staleness=args.max_staleness,
+    )
+    results = run_async_bench(shape)
+    print(
+        f"grpo bench --async: {args.preset}, {args.prompts} prompts x {args.n} samples x up to {new_tokens} "
+        f"new tokens, Ray on this machine (policy and engine on workers of their own), cpu; median of "
+        f"{args.steps} steps after {warmup}"
     )
     print(format_table(results))
     return 0

@@ -19,6 +19,7 @@ import base64
 import html
 import json
 import math
+import re
 import struct
 import time
 from dataclasses import dataclass, field
@@ -351,16 +352,26 @@ def _html_table(rows: list[dict[str, str]]) -> str:
         return ""
     keys = list(rows[0])
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(r[k] or '')}</td>" for k in keys) + "</tr>" for r in rows
-    )
+    body = "".join("<tr>" + "".join(_html_cell(r[k] or "") for k in keys) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _html_cell(text: str) -> str:
+    """Numbers (a cell that starts with a digit) right-aligned, words left-aligned; "a → b" never wraps (what
+    follows it, such as "(fp8)", may)."""
+    body = html.escape(text).replace(" → ", "&nbsp;→&nbsp;")
+    return f'<td class="n">{body}</td>' if text[:1].isdigit() else f"<td>{body}</td>"
+
+
+def _html_text(text: str) -> str:
+    """Escaped, with the markdown `code` spans of the notes as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
 
 
 def _html(title: str, notes: list[str], table: list[dict], quantized: list, plot: Path | None) -> str:
     parts = [
         f"<h1>{html.escape(title)}</h1>",
-        *(f"<p>{html.escape(n)}</p>" for n in notes),
+        *(f"<p>{_html_text(n)}</p>" for n in notes),
         _html_table(table),
     ]
     for stage, rows in quantized:
@@ -369,10 +380,11 @@ def _html(title: str, notes: list[str], table: list[dict], quantized: list, plot
         data = base64.b64encode(plot.read_bytes()).decode()
         parts += ["<h2>Curves</h2>", f'<img alt="curves" src="data:image/png;base64,{data}">']
     style = (
-        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f4f4f4}img{max-width:100%}"
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}td.n{text-align:right}"
+        "th{background:#f4f4f4}code{background:#f4f4f4;padding:0 3px}img{max-width:100%}"
     )
     return (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
     )

@@ -261,11 +261,14 @@ def test_bad_input_stops_before_stage_1(case, tmp_path, capsys):
     assert not run_dir.exists() and not (tmp_path / "shared").exists()
 
 
-def test_wandb_missing_is_one_line_naming_the_install(tmp_path, capsys):
+def test_wandb_missing_is_one_line_naming_the_install(tmp_path, monkeypatch, capsys):
+    """Where wandb is not installed (the `dev` extra brings it; a plain install does not)."""
     import importlib.util
 
-    if importlib.util.find_spec("wandb") is not None:
-        pytest.skip("wandb is installed here")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a)
+    )
     path, run_dir = write_pipeline(
         tmp_path, [stage("pretrain", "pretrain")], logging={"wandb": {"project": "p", "mode": "offline"}}
     )
@@ -433,7 +436,7 @@ def test_report_regenerates_from_the_stages_metrics(tmp_path, capsys):
     assert "| none (source) | 0.600 | 3.1000 | 0.600 | 3.1000 | 1,000 | 1.00x |" in md
     assert "| fp8 | 0.550 | 3.2000 | 0.500 | 3.3000 | 300 | 0.30x |" in md
     html = (run_dir / "report.html").read_text()
-    assert 'src="data:image/png;base64,' in html and "<td>0.100 → 0.500</td>" in html
+    assert 'src="data:image/png;base64,' in html and '<td class="n">0.100&nbsp;→&nbsp;0.500</td>' in html
     assert (run_dir / "curves.png").stat().st_size > 10_000
     assert "report.md" in capsys.readouterr().out
     assert main(["report", str(tmp_path)]) == 2  # not a pipeline run directory
@@ -513,41 +516,64 @@ def test_killed_during_stage_3_resumes_and_reports(tmp_path, capsys):
     assert capsys.readouterr().out.count("done: skipped") == 4
 
 
+def wandb_records(path: Path) -> list:
+    """The protobuf records of a run's .wandb file, which W&B writes in LevelDB's log format (32 KiB blocks of
+    chunks, each with a 7-byte header: crc32, length, type FULL=1/FIRST=2/MIDDLE=3/LAST=4) after a 7-byte file
+    header (":W&B", magic 0xBEE1, version); `wandb sync` reads the same. wandb ships no Python reader."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    ident, magic, _ = struct.unpack("<4sHB", data[:7])
+    assert (ident, magic) == (b":W&B", 0xBEE1)
+    records, payload, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:  # zero padding up to the block's end
+            pos += block - pos % block
+            continue
+        payload += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            records.append(wandb_internal_pb2.Record.FromString(payload))
+            payload = b""
+    return records
+
+
 @pytest.mark.slow
-def test_wandb_gets_every_logged_row(tmp_path, monkeypatch):
-    """logging.wandb against a stand-in `wandb` module (not installed here) with its documented API:
-    wandb.init(project, mode, dir, config, ...), run.log(dict, step), run.finish()."""
-    fake = tmp_path / "fake" / "wandb"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text(
-        "calls = []\n"
-        "class Run:\n"
-        "    def log(self, row, step=None):\n"
-        "        calls.append(('log', row, step))\n"
-        "    def finish(self):\n"
-        "        calls.append(('finish',))\n"
-        "def init(**kwargs):\n"
-        "    calls.append(('init', kwargs))\n"
-        "    return Run()\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
-    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+def test_wandb_offline_gets_every_logged_row(tmp_path, monkeypatch):
+    """logging.wandb with the real wandb in `mode: offline` (no network, no account): the run's .wandb file
+    under run.dir/wandb/offline-run-*/ holds the config and every metrics.jsonl row at its step."""
+    for key in ("WANDB_MODE", "WANDB_DIR", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):  # nothing written to $HOME
+        monkeypatch.setenv(key, str(tmp_path / key.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "pretrain"
     argv = [*fast(**{"train.max_steps": 3}), f"run.dir={run_dir}", "logging.wandb.project=tiny"]
     assert main(["pretrain", str(CONFIGS / "pretrain_tiny.yaml"), *argv, "logging.wandb.mode=offline"]) == 0
-    import wandb
 
-    (_, init), *logs, finish = wandb.calls
-    assert init["project"] == "tiny" and init["mode"] == "offline" and init["dir"] == str(run_dir)
-    assert (
-        init["config"]["train"]["max_steps"] == 3 and init["id"] == (run_dir / "wandb_id").read_text().strip()
-    )
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    (offline,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}")
+    records = wandb_records(offline / f"run-{run_id}.wandb")
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (run.project, run.run_id, run.job_type) == ("tiny", run_id, "pretrain")
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["train"]["max_steps"] == 3
+    history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
+    # wandb-core writes each key as a one-element nested_key (not split at "/")
+    logged = [{i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in h.item} for h in history]
     rows = read_metrics(run_dir)
-    assert [step for _, _, step in logs] == [r["step"] for r in rows]
-    assert [row["train/loss"] for _, row, _ in logs if "train/loss" in row] == [
-        r["train/loss"] for r in rows if "train/loss" in r
-    ]
-    assert finish == ("finish",)
+    assert [h.step.num for h in history] == [r["step"] for r in rows] == [1, 2, 3]
+    for row, got in zip(rows, logged):
+        assert {k: got[k] for k in row if k != "step"} == pytest.approx(
+            {k: v for k, v in row.items() if k != "step"}
+        )
+    assert any(r.WhichOneof("record_type") == "exit" for r in records)  # run.finish() closed it
 
 
 @pytest.mark.slow

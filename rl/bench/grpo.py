@@ -126,8 +126,11 @@ def ours(config: TransformerConfig, state: dict[str, torch.Tensor], shape: GRPOS
         def next_prompts(self) -> Rollouts:
             return Rollouts([{}] * shape.prompts, random_prompts(shape, config.vocab_size, self.step_count))
 
-        def generate(self, rollouts: Rollouts, greedy: bool = False) -> None:
-            requests = sampling_requests(rollouts.prompt_ids, self.cfg.rollout, self.step_count, greedy)
+        def generate(
+            self, rollouts: Rollouts, greedy: bool = False, step: int | None = None, round_: int = 0
+        ):
+            step = self.step_count if step is None else step
+            requests = sampling_requests(rollouts.prompt_ids, self.cfg.rollout, step, greedy)
             requests = [replace(r, params=replace(r.params, ignore_eos=True)) for r in requests]
             rollouts.results = self.parts.generator.generate(requests)
 

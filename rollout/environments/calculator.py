@@ -27,13 +27,11 @@ ended the episode, i.e. not cut off by max_turns or the token budget). A call in
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from typing import Any
 
 from core.data.synthetic import OPERATORS
-from core.errors import InputError
-from rollout.environments.arithmetic import answer_text, solve
-from rollout.environments.base import Completion, register_environment
+from rollout.environments.arithmetic import ArithmeticEnvironment, solve
+from rollout.environments.base import register_environment
 from rollout.environments.multiturn import MultiTurnEnvironment
 
 _CALL = re.compile(r"^\s*(?:(\d{1,9})\s*([+\-*])\s*(\d{1,9})\s*)?=$")
@@ -51,7 +49,9 @@ def calculate(turn: str, prompt: str) -> int | None:
 
 
 @register_environment("calculator")
-class CalculatorEnvironment(MultiTurnEnvironment):
+class CalculatorEnvironment(MultiTurnEnvironment, ArithmeticEnvironment):
+    """Final answers judged (and rows checked) as `arithmetic` does."""
+
     turn_stop = ("=",)
 
     def __init__(self, correct_reward: float = 1.0, format_reward: float = 0.0, max_turns: int = 3) -> None:
@@ -60,15 +60,3 @@ class CalculatorEnvironment(MultiTurnEnvironment):
     def step(self, state: Any, turn: str) -> str | None:
         value = calculate(turn, state["prompt"])  # state: the row (MultiTurnEnvironment.reset)
         return None if value is None else f"{value}\n"
-
-    def judge(self, completion: Completion) -> tuple[bool, bool]:
-        answer = answer_text(completion.text)
-        is_integer = _INTEGER.match(answer) is not None
-        correct = is_integer and int(answer) == solve(completion.prompt)
-        return correct, is_integer and completion.finish_reason == "stop"
-
-    def check_row(self, row: Mapping[str, Any], where: str) -> None:
-        try:
-            solve(str(row.get("prompt", "")))
-        except InputError as e:
-            raise InputError(f"{where}: {e}") from None

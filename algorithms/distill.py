@@ -38,6 +38,7 @@ from pydantic import Field, model_validator
 from algorithms.alignment_inputs import source_tokenizer
 from algorithms.engine_trainer import PackedLMTrainer, right_padded_batch
 from algorithms.model_config import ModelConfig, SourceModelConfig
+from algorithms.qat import QATConfig
 from algorithms.sft import SFTDataConfig, SFTEvalConfig, SFTSyntheticConfig, check_sft_data, sft_data
 from algorithms.trainer import LoopConfig, check_resume
 from core.config import RunConfig, Schema
@@ -86,6 +87,7 @@ class DistillConfig(LoopConfig):
     data: SFTDataConfig = Field(default_factory=lambda: SFTDataConfig(synthetic=SFTSyntheticConfig()))
     eval: SFTEvalConfig = Field(default_factory=SFTEvalConfig)
     algorithm: DistillAlgorithmConfig = Field(default_factory=DistillAlgorithmConfig)
+    quantize: QATConfig | None = Field(None, description="QAT of the student (algorithms/qat.py)")
 
 
 # ---------------------------------------------------------------------------------------------- inputs

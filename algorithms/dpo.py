@@ -34,6 +34,7 @@ from algorithms.alignment_inputs import (
 from algorithms.engine_trainer import PairTrainer
 from algorithms.model_config import SourceModelConfig
 from algorithms.preference_losses import PREFERENCE_LOSSES, REFERENCE_FREE, nll_loss
+from algorithms.qat import QATConfig
 from algorithms.trainer import LoopConfig, check_resume
 from core.config import LoraConfig, RunConfig, Schema
 from core.errors import InputError
@@ -83,6 +84,7 @@ class DPOConfig(LoopConfig):
     algorithm: DPOAlgorithmConfig = Field(default_factory=DPOAlgorithmConfig)
     eval: DPOEvalConfig = Field(default_factory=DPOEvalConfig)
     lora: LoraConfig | None = Field(None, description="train LoRA adapters only (none: full fine-tuning)")
+    quantize: QATConfig | None = Field(None, description="quantization-aware training (algorithms/qat.py)")
 
     @model_validator(mode="after")
     def _layout(self) -> DPOConfig:

@@ -4,7 +4,9 @@ SFT, DPO, reward models. Any tp x pp x dp x cp layout; the same code on one proc
 A loop subclass supplies its data (`prepare`), the full initial model (`initial_model`), its step and its
 evaluation; this class builds the engine (bf16/fp16/fp8 precision, optional LoRA, per-layer compile),
 the LR schedule, checkpoints of engine + schedule (DCP: they load at any other layout), the hf/ export
-and greedy generation through the native engine for task accuracy at every layout.
+and greedy generation through the native engine for task accuracy at every layout. With a `quantize:`
+section (algorithms/qat.py) the engine's model trains through ModelOpt's fake quantizers: they are
+inserted and calibrated in build_engine, checkpointed next to the model and exported to quantized/.
 
 Launch (`run_spmd`): one process when parallel.world_size == 1, else the ranks are spawned here with
 torch.distributed (gloo on CPU, NCCL on GPU), or placed on a Ray worker group when the config has a
@@ -16,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -31,6 +33,9 @@ from core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy, voc
 from core.transformer.model import GPTModel
 from core.utils.device import param_dtype, resolve_device
 from core.utils.flops import flops_per_token, peak_flops
+
+if TYPE_CHECKING:
+    from algorithms.qat import QATConfig
 
 
 class EngineTrainer(Trainer):
@@ -73,7 +78,7 @@ class EngineTrainer(Trainer):
 
             p = cfg.precision
             scaler = DynamicGradScaler(p.initial_loss_scale, growth_interval=p.loss_scale_window)
-        return ModelEngine(
+        engine = ModelEngine(
             self.config,
             cfg.parallel,
             cfg.optim,
@@ -86,11 +91,49 @@ class EngineTrainer(Trainer):
             recompute=cfg.train.recompute,
             **self.engine_extras(),
         )
+        if self.qat is not None:  # before any checkpoint loads: a resume then restores the quantizers too
+            self.insert_quantizers(engine)
+        return engine
 
     def engine_extras(self) -> dict[str, Any]:
         """Extra ModelEngine keywords (LoRA)."""
         lora = getattr(self.cfg, "lora", None)
         return {"lora": lora} if lora is not None else {}
+
+    def calibration_micro_batches(self, samples: int) -> list[dict[str, torch.Tensor]]:
+        """QAT: the first `samples` training rows of the loop's order, in micro-batches on this device,
+        the same on every rank (so every replica calibrates the same scales)."""
+        raise NotImplementedError(f"{type(self).__name__} has no QAT calibration data")
+
+    # ---- quantization-aware training (algorithms/qat.py) ----------------------------------------------
+
+    @property
+    def qat(self) -> QATConfig | None:
+        """The config's `quantize:` section, or None."""
+        from algorithms.qat import QATConfig
+
+        qat = getattr(self.cfg, "quantize", None)
+        return qat if isinstance(qat, QATConfig) else None
+
+    def insert_quantizers(self, engine: ModelEngine) -> None:
+        """QAT: the format's quantizers into the engine's linears, calibrated on the loop's first rows."""
+        from algorithms.qat import check_qat, insert_quantizers
+        from algorithms.quantize import check_blocks
+
+        check_qat(self.cfg)  # again here: ranks placed on Ray do not pass through run_spmd
+        check_blocks(self.qat.format, self.config, "quantize.format")
+        insert_quantizers(
+            engine, self.qat.format, self.calibration_micro_batches(self.qat.calibration_samples)
+        )
+
+    def write_quantized(self, path: Path) -> None:
+        """quantized/: the unified HF checkpoint and modelopt_state.pth of the QAT'd model (collective)."""
+        from algorithms.qat import export_quantized, quantizer_state
+
+        model = self.whole_model()
+        if model is not None:
+            state = quantizer_state(self.engine.chunks)
+            export_quantized(model, state, self.qat.format, self.arch, self.tokenizer_dir, path)
 
     # ---- shared pieces ----------------------------------------------------------------------------------
 
@@ -136,6 +179,10 @@ class EngineTrainer(Trainer):
     def save_model(self, path: Path) -> None:
         # through the manager: with train.async_save the write runs in the background
         self.checkpoints.write_state(self.engine.sharded_state(), path / "model")
+        if self.qat is not None:
+            from algorithms.qat import quantizer_state
+
+            self.checkpoints.write_state(quantizer_state(self.engine.chunks), path / "quantizers")
 
     def state_finite(self) -> bool:
         return self.engine.state_finite()
@@ -154,6 +201,13 @@ class EngineTrainer(Trainer):
         template = self.engine.load_template(path / "model")
         dcp.load(template, checkpoint_id=str(path / "model"))
         self.engine.finish_load(template)
+        if self.qat is not None:
+            from algorithms.qat import quantizer_state
+            from core.errors import InputError
+
+            if not (path / "quantizers").is_dir():
+                raise InputError(f"{path} has no quantizers/: a checkpoint of a run without quantize:")
+            dcp.load(quantizer_state(self.engine.chunks), checkpoint_id=str(path / "quantizers"))
 
     def loop_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {}
@@ -178,16 +232,21 @@ class EngineTrainer(Trainer):
         lora = getattr(self.cfg, "lora", None)
         if lora is not None:  # checkpoints hold base weights + adapters: the next stage merges them
             meta["lora"] = lora.model_dump(mode="json")
+        if self.qat is not None:  # a record: the weights in model/ are the plain model's all the same
+            meta["quantize"] = self.qat.model_dump(mode="json")
         return meta
 
     def export(self) -> Path:
         """hf/ (adapters merged); with LoRA also adapter/ in PEFT's format (adapter_config.json +
-        adapter_model.safetensors, for `PeftModel.from_pretrained` on the transformers model)."""
+        adapter_model.safetensors, for `PeftModel.from_pretrained` on the transformers model); with QAT
+        also quantized/ (write_quantized)."""
+        from algorithms.trainer import publish_dir
+
         out = super().export()
         if getattr(self.cfg, "lora", None) is not None:
-            from algorithms.trainer import publish_dir
-
             publish_dir(self.run_dir / "adapter", self.write_peft, self.is_logger)
+        if self.qat is not None:
+            publish_dir(self.run_dir / "quantized", self.write_quantized, self.is_logger)
         return out
 
     def write_peft(self, path: Path) -> None:
@@ -418,6 +477,17 @@ class PackedLMTrainer(EngineTrainer):
         ]
         return mbs, float(batch["loss_mask"].sum()) * (self.groups.dp_size if self.groups else 1)
 
+    def calibration_micro_batches(self, samples: int) -> list[dict[str, torch.Tensor]]:
+        """The first `samples` packed rows of the training order (self.dataset, read by a fresh sampler:
+        the run's own batches do not move)."""
+        batches = PretrainBatches(self.dataset, self.cfg.train.micro_batch_size, self.cfg.train.seed)
+        out: list[dict[str, torch.Tensor]] = []
+        while samples > 0:
+            mb = {k: v[:samples].to(self.device) for k, v in next(batches).items()}
+            samples -= mb["input_ids"].shape[0]
+            out.append(mb)
+        return out
+
     def setup_batches(self, dataset: Any, seq_len: int) -> None:
         """This dp rank's resumable micro-batches of the packed dataset, and the throughput counters."""
         cfg = self.cfg
@@ -453,11 +523,14 @@ def _tied_names(model: GPTModel) -> set[str]:
 
 def run_spmd(trainer_cls: type[EngineTrainer], cfg: Any) -> dict[str, float]:
     """Write config.yaml, then train to train.max_steps (resuming from run.dir), export hf/ and plot, on
-    one process or on parallel.world_size spawned ranks. The caller has checked every input already."""
+    one process or on parallel.world_size spawned ranks. The caller has checked every input already but
+    the `quantize:` section (algorithms/qat.py), checked here first."""
+    from algorithms.qat import check_qat
     from core.config import dump_config
     from core.parallel.launch import launch
     from core.utils.metrics import read_metrics
 
+    check_qat(cfg)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
@@ -575,6 +648,24 @@ class PairTrainer(EngineTrainer):
         mine = indices[dp_rank * self.pairs_per_rank : (dp_rank + 1) * self.pairs_per_rank]
         size = self.cfg.train.micro_batch_size
         return len(indices), [mine[i : i + size] for i in range(0, len(mine), size)]
+
+    def calibration_micro_batches(self, samples: int) -> list[dict[str, torch.Tensor]]:
+        """The first `samples` pairs of the training order, as chosen/rejected rows right-padded per
+        micro-batch (the padding is calibrated on too)."""
+        from algorithms.rl_inputs import PromptLoader
+        from core.data.alignment import preference_batch
+
+        cfg = self.cfg
+        indices = list(range(len(self.examples)))
+        first = [i for i, _ in PromptLoader(indices, samples, cfg.train.seed, cfg.data.shuffle).next_batch()]
+        size, pad = cfg.train.micro_batch_size, self.tokenizer.pad_token_id or 0
+        return [
+            {
+                k: v.to(self.device)
+                for k, v in preference_batch([self.examples[i] for i in first[j : j + size]], pad).items()
+            }
+            for j in range(0, len(first), size)
+        ]
 
     def eval_chunks(self) -> list[list[int]]:
         n, size = len(self.eval_examples), self.cfg.train.micro_batch_size

@@ -23,9 +23,9 @@ need CUDA and stop at the start on a machine without it. Calibration runs `calib
 documents of any of our data formats (text, prompt/completion, prompt/answer or chat rows; or the
 embedded arithmetic task), packed into rows of calibration.seq_len tokens.
 
-QAT on our own core starts from register_parallel_linears (bottom): with it `mtq.quantize` quantizes
-GPTModel's column/row-parallel linears and training steps through the fake quantizers; an SFT `quantize:`
-section and an export of such a model (its fused qkv/fc1 names mapped to HF's) are not written yet.
+Quantization-aware training on our own core (the `quantize:` section of rl sft / dpo / distill) is
+algorithms/qat.py; it builds on register_parallel_linears (bottom), and its export is read back by
+load_exported like this module's.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def check_inputs(cfg: QuantizeConfig) -> Inputs:
     source, tokenizer, tokenizer_dir = source_tokenizer(cfg.model)
     config = init_config(source)
     for name in cfg.quantize.formats:
-        _check_blocks(name, config)
+        check_blocks(name, config, "quantize.formats")
     calibration = calibration_rows(cfg.calibration, tokenizer)
     eval_rows = held_out_rows(cfg.eval)
     if cfg.eval.verifier == "arithmetic":  # every held-out prompt must be a problem the verifier parses
@@ -172,7 +172,8 @@ def check_inputs(cfg: QuantizeConfig) -> Inputs:
     return Inputs(source, tokenizer, Path(tokenizer_dir), calibration, eval_rows)
 
 
-def _check_blocks(name: str, config: Any) -> None:
+def check_blocks(name: str, config: Any, where: str) -> None:
+    """InputError unless the format's weight blocks divide every linear's input width (`where`: the key)."""
     block = FORMATS[name].block_size
     if block is None:
         return
@@ -185,7 +186,7 @@ def _check_blocks(name: str, config: Any) -> None:
     for key, width in widths.items():
         if width and width % block:
             raise InputError(
-                f"quantize.formats: {name} quantizes weights in blocks of {block} input channels, and the "
+                f"{where}: {name} quantizes weights in blocks of {block} input channels, and the "
                 f"model's {key}={width} is not a multiple of {block}"
             )
 
@@ -381,9 +382,11 @@ def _dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def load_exported(path: str | Path) -> torch.nn.Module:
     """A unified HF checkpoint read back into transformers with its quantization: the weights dequantized
     from their packed values and scales, and the format's quantizers inserted with the exported scales
-    (input_scale -> activation amax, pre_quant_scale -> the smoothing the input gets). The dequantized
-    weights sit on the quantization grid, so the weight quantizers' max calibration on them finds the
-    exported scales again. Evaluates like the fake-quantized model the export was made from."""
+    (weight_scale -> weight amax, input_scale -> activation amax, pre_quant_scale -> the smoothing the input
+    gets). The dequantized weights sit on the quantization grid, so re-quantizing them with the exported
+    scales gives them back. (A max calibration on them would find the scales again only where a weight
+    sits at the grid's end: after PTQ always, after QAT not always, since the weights train under fixed
+    scales.) Evaluates like the fake-quantized model the export was made from."""
     import copy
 
     import modelopt.torch.quantization as mtq
@@ -420,7 +423,11 @@ def load_exported(path: str | Path) -> torch.nn.Module:
     modules = dict(model.named_modules())
     for key, value in tensors.items():
         module_name, _, kind = key.rpartition(".")
-        if kind == "input_scale":
+        if kind == "weight_scale":  # (), (out,) or (out, in / block) -> the quantizer's amax layout
+            quantizer = modules[module_name].weight_quantizer
+            amax = value.float().to(run_device()) * quantizer.maxbound
+            quantizer.amax = amax.reshape(quantizer.amax.shape)
+        elif kind == "input_scale":
             quantizer = modules[module_name].input_quantizer
             quantizer.amax = (value.float().to(run_device()) * quantizer.maxbound).reshape(())
         elif kind == "pre_quant_scale":

@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 from algorithms.alignment_inputs import source_tokenizer
 from algorithms.engine_trainer import PackedLMTrainer
 from algorithms.model_config import SourceModelConfig
+from algorithms.qat import QATConfig
 from algorithms.trainer import LoopConfig, check_resume
 from core.config import InputPath, LoraConfig, RunConfig, Schema
 from core.errors import InputError
@@ -71,6 +72,7 @@ class SFTConfig(LoopConfig):
     data: SFTDataConfig = Field(default_factory=lambda: SFTDataConfig(synthetic=SFTSyntheticConfig()))
     eval: SFTEvalConfig = Field(default_factory=SFTEvalConfig)
     lora: LoraConfig | None = Field(None, description="train LoRA adapters only (none: full fine-tuning)")
+    quantize: QATConfig | None = Field(None, description="quantization-aware training (algorithms/qat.py)")
 
 
 # ---------------------------------------------------------------------------------------------- inputs

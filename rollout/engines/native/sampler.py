@@ -15,11 +15,13 @@ the token was drawn with.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from rollout.engines.native import top_p as top_p_kernel
 from rollout.types import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
@@ -78,6 +80,14 @@ def filter_threshold(
     return sorted_logits.gather(-1, (kept - 1)[:, None])
 
 
+class Filters(enum.IntEnum):
+    """Which vocabulary filters a batch's sampled rows use (falsy when none)."""
+
+    NONE = 0
+    TOP_P = 1  # top-p only: the sort-free kernel on CUDA (top_p.py)
+    TOP_K = 2  # top-k, maybe with top-p: one vocab sort per row
+
+
 @dataclass
 class SamplingRows:
     """Per-row sampling parameters as device tensors, all (S,) except keys (S, 2)."""
@@ -106,6 +116,7 @@ class SlotSamplingTable:
             keys=torch.zeros(num_slots, 2, dtype=torch.int64, device=device),
         )
         self._filtered: set[int] = set()  # slots whose params use top-k or top-p
+        self._top_k: set[int] = set()  # slots whose params use top-k
         self._random: set[int] = set()  # slots that sample (temperature > 0)
 
     def assign(self, slots: Sequence[int], params: Sequence[SamplingParams], keys: Sequence[int]) -> None:
@@ -122,10 +133,15 @@ class SlotSamplingTable:
             table.index_copy_(0, index, new.to(device=device, dtype=table.dtype))
         for slot, p in zip(slots, params, strict=True):
             _set_membership(self._filtered, slot, needs_filter(p, self.vocab_size))
+            _set_membership(
+                self._top_k, slot, needs_filter(p, self.vocab_size) and uses_top_k(p, self.vocab_size)
+            )
             _set_membership(self._random, slot, not p.greedy)
 
-    def any_filtered(self, slots: Sequence[int]) -> bool:
-        return not self._filtered.isdisjoint(slots)
+    def any_filtered(self, slots: Sequence[int]) -> Filters:
+        if self._filtered.isdisjoint(slots):
+            return Filters.NONE
+        return Filters.TOP_P if self._top_k.isdisjoint(slots) else Filters.TOP_K
 
     def any_random(self, slots: Sequence[int]) -> bool:
         return not self._random.isdisjoint(slots)
@@ -138,15 +154,19 @@ def _set_membership(members: set[int], slot: int, member: bool) -> None:
         members.discard(slot)
 
 
+def uses_top_k(params: SamplingParams, vocab_size: int) -> bool:
+    return 0 < (params.top_k or vocab_size) < vocab_size
+
+
 def needs_filter(params: SamplingParams, vocab_size: int) -> bool:
-    return not params.greedy and ((params.top_k or vocab_size) < vocab_size or params.top_p < 1.0)
+    return not params.greedy and (uses_top_k(params, vocab_size) or params.top_p < 1.0)
 
 
 def sample(
     logits: torch.Tensor,
     rows: SamplingRows,
     steps: torch.Tensor,
-    apply_filters: bool = True,
+    apply_filters: bool | Filters = True,
     any_random: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (S, V) full-vocab, steps (S,) index of the token being drawn in its sample ->
@@ -154,7 +174,8 @@ def sample(
 
     Greedy rows (temperature 0) take the argmax of the raw logits (first index on ties, as torch and
     HF do). The caller may skip work it knows is not needed: apply_filters=False when no row uses
-    top-k/top-p (no vocab sort), any_random=False when every row is greedy (no noise).
+    top-k/top-p (no vocab sort), any_random=False when every row is greedy (no noise). Filters.TOP_P
+    (no row uses top-k) takes the sort-free rejection kernel on CUDA (top_p.py: the same tokens).
 
     On CUDA the draw is one Inductor-compiled function: the fp32 upcast, filter mask, noise hash, Gumbel
     argmax and log-sum-exp read the (S, V) logits a few times instead of writing a dozen (S, V)
@@ -162,6 +183,11 @@ def sample(
     before it (`filter_threshold`: sort, softmax, cumsum; Inductor's split cumsum did not compile, torch
     2.11), reduced to one threshold per row. No host sync either way."""
     threshold = None
+    if apply_filters is Filters.TOP_P and any_random and top_p_kernel.available(logits.device):
+        tokens, logprobs, _ = top_p_kernel.sample_top_p(
+            logits, rows.temperature, rows.top_p, rows.keys, steps
+        )
+        return tokens, logprobs
     if apply_filters and any_random:
         threshold = filter_threshold(logits, rows.temperature, rows.top_k, rows.top_p)  # (S, 1)
     draw = _compiled(_draw) if logits.is_cuda else _draw

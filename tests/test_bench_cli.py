@@ -86,3 +86,41 @@ def test_bench_grpo_times_full_steps_and_their_phases(capsys: pytest.CaptureFixt
         assert "not importable" in " ".join(trl), trl
     else:
         assert float(trl[0]) > 0 and ours[1].endswith("x"), (ours, trl)
+
+
+@pytest.mark.parametrize("row", ["ours", "engine", "hf"])
+def test_bench_train_grad_accum_averages_micro_batches_into_one_step(row: str, monkeypatch) -> None:
+    """--grad-accum N: N micro-batches, then one optimizer step on their mean gradient. With the same
+    micro-batch repeated, the gradient the optimizer sees equals one micro-batch's (a missing 1/N would
+    make it N times larger), and the optimizer steps once. The engine clips before its step, so its
+    reported pre-clip gradient norm is compared instead."""
+    import torch
+
+    from core.models import preset
+    from rl.bench.train import engine_step_fn, hf_step_fn, ours_step_fn
+
+    builder = {"ours": ours_step_fn, "engine": engine_step_fn, "hf": hf_step_fn}[row]
+    config = preset("llama_tiny")
+    ids = torch.randint(0, config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    batch = (ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), None)
+    seen: list[list[torch.Tensor]] = []
+    adamw_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append([p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+
+    def grads_of_one_step(accum: int) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        seen.clear()
+        step, _ = builder(config, batch, torch.device("cpu"), torch.float32, False, "none", accum)
+        result = step()
+        assert len(seen) == 1 and seen[0]
+        if row == "engine":
+            return [torch.tensor(result.grad_norm)]
+        return seen[0]
+
+    for one, three in zip(grads_of_one_step(1), grads_of_one_step(3), strict=True):
+        torch.testing.assert_close(three, one, atol=1e-6, rtol=1e-4)

@@ -43,7 +43,7 @@ def time_steps(step_fn, device: torch.device, warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def ours_step_fn(config, batch, device, dtype, compile_model: bool, recompute: str = "none"):
+def ours_step_fn(config, batch, device, dtype, compile_model: bool, recompute: str = "none", accum: int = 1):
     from core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
     from core.transformer.model import GPTModel
 
@@ -53,16 +53,19 @@ def ours_step_fn(config, batch, device, dtype, compile_model: bool, recompute: s
     input_ids, labels, segment_ids = batch
 
     def step():
-        logits = forward(input_ids, segment_ids=segment_ids)  # (B, T, V)
-        loss = vocab_parallel_cross_entropy(logits, labels, None).mean()
-        loss.backward()
+        for _ in range(accum):
+            logits = forward(input_ids, segment_ids=segment_ids)  # (B, T, V)
+            loss = vocab_parallel_cross_entropy(logits, labels, None).mean() / accum
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step, model
 
 
-def engine_step_fn(config, batch, device, dtype, compile_model: bool, recompute: str = "none"):
+def engine_step_fn(
+    config, batch, device, dtype, compile_model: bool, recompute: str = "none", accum: int = 1
+):
     """What `rl pretrain` runs on one device: ModelEngine with fp32 master weights and an fp32 gradient
     buffer (DDP hooks), the global-norm clip and AdamW on the masters; compile = per-layer compile."""
     from core.config import OptimConfig, ParallelConfig
@@ -87,19 +90,19 @@ def engine_step_fn(config, batch, device, dtype, compile_model: bool, recompute:
     micro_batch = {"input_ids": input_ids, "labels": labels}
     if segment_ids is not None:
         micro_batch["segment_ids"] = segment_ids
-    n_tokens = float(labels.numel())
+    n_tokens = float(labels.numel() * accum)
 
     def loss_fn(logits, mb):
         loss_sum = vocab_parallel_cross_entropy(logits, mb["labels"], None).sum()
         return loss_sum / n_tokens, {"loss_sum": loss_sum.detach()}
 
     def step():
-        engine.train_step([micro_batch], loss_fn, clip_grad=1.0)
+        return engine.train_step([micro_batch] * accum, loss_fn, clip_grad=1.0)  # StepResult
 
     return step, engine
 
 
-def hf_step_fn(config, batch, device, dtype, compile_model: bool, recompute: str = "none"):
+def hf_step_fn(config, batch, device, dtype, compile_model: bool, recompute: str = "none", accum: int = 1):
     from transformers import AutoModelForCausalLM
 
     from core.models import infer_architecture
@@ -118,9 +121,10 @@ def hf_step_fn(config, batch, device, dtype, compile_model: bool, recompute: str
         raise ValueError("the transformers row has no packed-document attention: run it without --documents")
 
     def step():
-        logits = forward(input_ids=input_ids).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-        loss.backward()
+        for _ in range(accum):
+            logits = forward(input_ids=input_ids).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / accum
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -148,8 +152,11 @@ def run_one(
     steps,
     documents: int = 0,
     recompute: str = "none",
+    accum: int = 1,
 ) -> BenchResult:
-    """documents > 1: every row packs that many documents (per-document attention, as rl pretrain packs)."""
+    """documents > 1: every row packs that many documents (per-document attention, as rl pretrain packs);
+    accum: micro-batches per optimizer step (gradient accumulation, as a global batch of accum x
+    batch_size runs in rl pretrain)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), generator=g).to(device)
     batch = (
@@ -159,9 +166,9 @@ def run_one(
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step, model = builder(config, batch, device, dtype, compile_model, recompute)
+    step, model = builder(config, batch, device, dtype, compile_model, recompute, accum)
     step_s = time_steps(step, device, warmup, steps)
-    tokens_per_s = batch_size * seq_len / step_s
+    tokens_per_s = accum * batch_size * seq_len / step_s
     peak = peak_flops(device)
     mfu = tokens_per_s * flops_per_token(config, seq_len) / peak if peak else None
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

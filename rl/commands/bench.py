@@ -15,6 +15,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--preset", default="llama_tiny", help="model preset (core.models.PRESETS), e.g. llama_1b")
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--micro-batch-size", type=int, default=4)
+    t.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step in every row (rl pretrain: global batch / (mbs x dp))",
+    )
     t.add_argument("--steps", type=int, default=5, help="timed steps")
     t.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     t.add_argument(
@@ -271,6 +277,7 @@ def run_refit(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
+    from core.errors import InputError
     from core.models import preset
     from rl.bench.train import engine_step_fn, format_table, hf_step_fn, ours_step_fn, run_one
 
@@ -278,6 +285,8 @@ def run_train(args: argparse.Namespace) -> int:
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     config = preset(args.preset)
+    if args.grad_accum < 1:
+        raise InputError(f"--grad-accum must be >= 1, got {args.grad_accum}")
     shape = dict(
         seq_len=args.seq_len,
         batch_size=args.micro_batch_size,
@@ -287,6 +296,7 @@ def run_train(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         steps=args.steps,
         documents=args.documents,
+        accum=args.grad_accum,
     )
     suffix = (" +compile" if args.compile else "") + (f" {args.documents} docs" if args.documents > 1 else "")
     results = [run_one(f"tandem GPTModel{suffix}", ours_step_fn, config, **shape)]
@@ -304,8 +314,9 @@ def run_train(args: argparse.Namespace) -> int:
     if not args.no_baseline and args.documents <= 1:
         results.append(run_one(f"transformers{suffix} (baseline)", hf_step_fn, config, **shape))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    accum = f" x {args.grad_accum} micro-batches per step" if args.grad_accum > 1 else ""
     print(
-        f"train bench: {args.preset} seq {args.seq_len} x mbs {args.micro_batch_size}, {dtype_name}, {name}"
+        f"train bench: {args.preset} seq {args.seq_len} x mbs {args.micro_batch_size}{accum}, {dtype_name}, {name}"
     )
     baseline = results[-1].name if results[-1].name.endswith("(baseline)") else results[0].name
     print(format_table(results, baseline=baseline))  # vs transformers, else vs the bare GPTModel

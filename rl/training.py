@@ -230,10 +230,13 @@ def run_command(command: TrainingCommand, cfg: Any, resume: str) -> dict[str, fl
     """Check every input, then run: in this process (with failure.max_restarts restarts from the newest
     checkpoint) or on Ray. None when the run stopped on a failure it could not recover from (said on
     stderr). A `run` command checks its inputs itself (once, in the place that builds from them)."""
+    from algorithms.qat import check_qat
     from algorithms.trainer import check_resume_config
 
-    # First: a resume with changed keys must stop before the checks below write anything (pretrain's data).
+    # First: a resume with changed keys must stop before the checks below write anything (pretrain's data
+    # or a loop's synthetic rows); so must a `quantize:` section that cannot run here.
     check_resume_config(cfg, command.name)
+    check_qat(cfg)
     if command.run is not None:
         return _load(command.run)(cfg, resume)
     if cfg.on_ray:

@@ -107,6 +107,14 @@ def test_layouts_qat_does_not_run_stop_at_the_start(inputs, tmp_path, capsys, ar
     assert not (tmp_path / "r" / "config.yaml").exists()
 
 
+def test_a_refused_quantize_section_writes_nothing_even_for_synthetic_data(inputs, tmp_path, capsys):
+    """The synthetic rows are written into run.dir by the loop's own check: the QAT check comes first."""
+    argv = ["sft", CONFIG, f"run.dir={tmp_path / 'r'}", f"model.init_from={inputs['model']}"]
+    assert main([*argv, "parallel.dp=1", "train.compile=true"]) == 2
+    assert "train.compile=false" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_int4_blocks_that_do_not_divide_the_model_stop_before_training(inputs, tmp_path, capsys):
     line = refused(capsys, inputs, tmp_path / "r", "quantize.format=int4_awq")
     assert "quantize.format: int4_awq quantizes weights in blocks of 128" in line and "hidden_size=64" in line

@@ -10,18 +10,18 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpus.txt"
 if [ "${TESTS:-1}" = 1 ]; then
-  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_native_engine.py \
-    tests/test_decode_attention.py tests/test_paged_kv.py tests/test_top_p.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+  timeout "${TESTS_S:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider ${TEST_FILES:-tests/test_native_engine.py \
+    tests/test_decode_attention.py tests/test_paged_kv.py tests/test_top_p.py} 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 fi
 if [ "${BENCH_A:-1}" = 1 ]; then
-  timeout 420 python3 -m rl.cli bench generate --preset llama_1b --dtype bf16 --batch 256 --prompt-len 128 \
+  timeout "${BENCH_A_S:-420}" python3 -m rl.cli bench generate --preset llama_1b --dtype bf16 --batch 256 --prompt-len 128 \
     --new-tokens 256 --temperature 1 --top-p 0.95 --engines "${ENGINES_A:-hf,hf-static,native}" \
     --baseline hf-static 2>&1 | tail -12 | tee "$OUT/bench_a.txt"
 fi
 if [ "${BENCH_B:-1}" = 1 ]; then
   # One run of ~2M new tokens: the warmup is shorter (the 4k/8k kv buckets' graphs are captured in the
   # timed run, a few seconds of it).
-  timeout 590 python3 -m rl.cli bench generate --preset llama_1b --dtype bf16 --batch 64 --n 8 \
+  timeout "${BENCH_B_S:-590}" python3 -m rl.cli bench generate --preset llama_1b --dtype bf16 --batch 64 --n 8 \
     --prompt-len 1024 --new-tokens 4096 --temperature 1 --top-p 0.95 --engines "${ENGINES_B:-hf,hf-static,native}" \
     --warmup-new-tokens "${WARMUP_B:-256}" 2>&1 | tail -12 | tee "$OUT/bench_b.txt"
 fi

@@ -37,16 +37,37 @@ def case(rows: int, vocab: int, dtype: torch.dtype, device: str, seed: int = 0):
     )
 
 
-def compare(rows: int, vocab: int, dtype: torch.dtype, device: str) -> int:
-    """Kernel vs sort path on one case; returns the number of retried draws (the rejection path)."""
+def compare(rows: int, vocab: int, dtype: torch.dtype, device: str, exact: bool = True) -> int:
+    """Kernel vs sort path on one case; returns the number of retried draws (the rejection path).
+
+    exact=False (compiled on a GPU, whose exp/log/division round differently from the sort path's kernels):
+    a row may differ only where the two paths' float rounding decides it -- one of the two tokens lies
+    within 1e-4 of the nucleus boundary (its more-likely mass, in fp64) or their perturbed logits are
+    within 1e-4 of each other -- and at most 2% of rows may."""
+    from rollout.engines.native.sampler import uniform_noise
     from rollout.engines.native.top_p import sample_top_p
 
     logits, temperature, top_p, keys, steps = case(rows, vocab, dtype, device)
     sort_rows = SamplingRows(temperature, torch.full_like(steps, vocab), top_p, keys)
     want_tokens, want_logprobs = sample(logits, sort_rows, steps, apply_filters=Filters.TOP_K)
     tokens, logprobs, retries = sample_top_p(logits, temperature, top_p, keys, steps)
-    assert torch.equal(tokens, want_tokens), (tokens != want_tokens).nonzero().flatten().tolist()
-    torch.testing.assert_close(logprobs, want_logprobs, atol=2e-6, rtol=2e-6)
+    differ = (tokens != want_tokens).nonzero().flatten().tolist()
+    if exact:
+        assert not differ, differ
+    else:
+        raw = logits.double()
+        scaled = raw / torch.where(temperature == 0, 1.0, temperature).double()[:, None]
+        probs = scaled.softmax(-1)
+        perturbed = scaled + -torch.log(-torch.log(uniform_noise(keys, steps, vocab).double()))
+        for r in differ:
+            a, b = int(tokens[r]), int(want_tokens[r])
+            above = [float(probs[r][raw[r] > raw[r, t]].sum()) for t in (a, b)]
+            boundary = min(abs(m - float(top_p[r])) for m in above)
+            tie = abs(float(perturbed[r, a] - perturbed[r, b]))
+            assert boundary < 1e-4 or tie < 1e-4, (r, a, b, above, float(top_p[r]), tie, int(retries[r]))
+        assert len(differ) <= 0.02 * rows, differ
+    same = tokens == want_tokens
+    torch.testing.assert_close(logprobs[same], want_logprobs[same], atol=2e-5, rtol=2e-5)
     return int(retries.sum())
 
 
@@ -96,4 +117,4 @@ def test_slot_table_names_the_filters_a_batch_needs() -> None:
     ("rows", "vocab", "dtype"), [(256, 128_256, torch.bfloat16), (33, 1000, torch.float32)]
 )
 def test_kernel_draws_the_sort_paths_tokens_on_the_gpu(rows, vocab, dtype) -> None:
-    assert compare(rows, vocab, dtype, "cuda") > 0
+    assert compare(rows, vocab, dtype, "cuda", exact=False) > 0

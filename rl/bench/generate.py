@@ -183,14 +183,16 @@ def _engine_generate_fn(engine, shape: GenShape) -> GenerateFn:
     return generate
 
 
-def native_kv_cache_tokens(config: TransformerConfig, shape: GenShape, kv_cache_gib: float | None) -> int:
-    """The native pool: kv_cache_gib if given, else every sample's full length (never preempts), capped on
-    CUDA at KV_FRACTION of the free memory; at least one sequence."""
+def native_kv_cache_tokens(
+    config: TransformerConfig, shape: GenShape, kv_cache_gib: float | None, block_size: int
+) -> int:
+    """The native pool: kv_cache_gib if given, else every sample's full length in whole blocks (never
+    preempts), capped on CUDA at KV_FRACTION of the free memory; at least one sequence."""
     per_token = shape.kv_bytes_per_token(config)
     if kv_cache_gib is not None:
         tokens = int(kv_cache_gib * 2**30) // per_token
     else:
-        tokens = shape.num_samples * shape.max_model_len
+        tokens = shape.num_samples * -(-shape.max_model_len // block_size) * block_size
         if shape.device.type == "cuda":
             tokens = min(tokens, int(KV_FRACTION * torch.cuda.mem_get_info(shape.device)[0]) // per_token)
     return max(tokens, shape.max_model_len)
@@ -199,17 +201,20 @@ def native_kv_cache_tokens(config: TransformerConfig, shape: GenShape, kv_cache_
 def native_generate_fn(
     model: GPTModel, shape: GenShape, kv_cache_gib: float | None, block_size: int | None, report: GenResult
 ) -> tuple[GenerateFn, Callable]:
-    """Colocated on `model` (already on the device in the benchmark dtype); CUDA graphs on CUDA. Fills
-    `report`'s KV fields after each run."""
-    from rollout.engines.native.engine import NativeEngine
+    """Colocated on `model` (already on the device in the benchmark dtype); CUDA graphs on CUDA, the
+    compiled decode step on the CPU (compiled in the warmup run). Fills `report`'s KV fields after each
+    run."""
+    from rollout.engines.native.engine import DEFAULT_BLOCK_SIZE, NativeEngine
 
+    block_size = block_size or DEFAULT_BLOCK_SIZE
     engine = NativeEngine(
         model=model,
         max_model_len=shape.max_model_len,
         max_num_seqs=shape.num_samples,
         cuda_graphs=True,
-        kv_cache_tokens=native_kv_cache_tokens(model.config, shape, kv_cache_gib),
-        **({} if block_size is None else {"block_size": block_size}),
+        compile_cpu=True,
+        kv_cache_tokens=native_kv_cache_tokens(model.config, shape, kv_cache_gib, block_size),
+        block_size=block_size,
     )
     generate = _engine_generate_fn(engine, shape)
 

@@ -144,15 +144,14 @@ class KVCache:
     def gather(self, layer: str, rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v of `rows` (b,) at positions [0, length) read through the table: (b, n_kv, length, d)
         copies (the SDPA path; the Triton kernel reads the blocks in place)."""
-        num = -(-length // self.block_size)
-        blocks = self.block_table.index_select(0, rows)[:, :num].long()  # (b, num)
+        return self.read(layer, self.chunk_index(rows, 0, length), rows.shape[0])
 
-        def read(cache: torch.Tensor) -> torch.Tensor:
-            b, (_, n_kv, bs, d) = blocks.shape[0], cache.shape
-            paged = cache[blocks]  # (b, num, n_kv, bs, d)
-            return paged.transpose(1, 2).reshape(b, n_kv, num * bs, d)[:, :, :length]
-
-        return read(self.k[layer]), read(self.v[layer])
+    def read(self, layer: str, index: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v at `index` (chunk_index of num_rows rows) -> (num_rows, n_kv, L, d): one gather copy each,
+        already in attention's layout. A decode step computes the index once and reads every layer with it."""
+        k_flat, v_flat = self.flat(layer)
+        shape = (num_rows, self._heads.shape[0], -1, k_flat.shape[-1])
+        return k_flat.index_select(0, index).view(shape), v_flat.index_select(0, index).view(shape)
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

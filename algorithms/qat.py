@@ -80,9 +80,10 @@ class QATConfig(Schema):
 
 def check_qat(cfg: Any) -> None:
     """InputError (one line) when the config's `quantize:` cannot run here: a CUDA-only format without
-    CUDA, a layout other than dp, LoRA, train.compile or precision.fp8. Nothing to check without one."""
+    CUDA, a layout other than dp, LoRA, train.compile or precision.fp8. Nothing to check without one (rl
+    quantize's own `quantize:` section, a list of PTQ formats, is not one)."""
     qat = getattr(cfg, "quantize", None)
-    if qat is None:
+    if not isinstance(qat, QATConfig):
         return
     name = qat.format
     if FORMATS[name].cuda_only and (not torch.cuda.is_available() or cfg.train.device == "cpu"):

@@ -12,7 +12,15 @@ import textwrap
 import pytest
 import torch
 
-from rollout.engines.native.sampler import Filters, SamplingRows, SlotSamplingTable, sample, split_key
+from rollout.engines.native.sampler import (
+    Filters,
+    SamplingRows,
+    SlotSamplingTable,
+    neg_log,
+    sample,
+    split_key,
+    to_uniform,
+)
 from rollout.types import SamplingParams
 
 
@@ -93,6 +101,18 @@ def test_kernel_under_the_triton_interpreter_draws_the_sort_paths_tokens() -> No
         timeout=600,
     )
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
+
+
+def test_gumbel_noise_is_finite_and_accurate_at_both_ends_of_the_hash() -> None:
+    """The smallest and largest hashes: u stays inside (0, 1) and -log(-log(u)) is finite and within 1e-5 of
+    the fp64 value (near u = 1, -log(u) ~ 1 - u comes from a series, not from a log that loses it)."""
+    h = torch.cat([torch.arange(0, 4096), torch.arange(2**32 - 4096, 2**32)])
+    u = to_uniform(h)
+    assert bool((u > 0).all()) and bool((u < 1).all())
+    gumbel = -torch.log(neg_log(u))
+    assert bool(torch.isfinite(gumbel).all())
+    exact = -torch.log(-torch.log(u.double()))
+    assert float((gumbel.double() - exact).abs().max()) < 1e-5
 
 
 def test_slot_table_names_the_filters_a_batch_needs() -> None:

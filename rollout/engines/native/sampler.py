@@ -51,7 +51,14 @@ def uniform_noise(keys: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> t
     row = _fmix32(row ^ (steps & _MASK32))  # (S,)
     vocab = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
     h = _fmix32(row[:, None] ^ _fmix32(vocab ^ 0x632BE5AB)[None, :])  # (S, V)
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # 24 random bits, never 0 or 1
+    return to_uniform(h)
+
+
+def to_uniform(h: torch.Tensor) -> torch.Tensor:
+    """uint32 hashes (in int64) -> fp32 uniforms in (0, 1) from their top 24 bits m: (m + 0.5) * 2**-24.
+    m = 2**24 - 1 is read as 2**24 - 2: its m + 0.5 would round to 2**24 in fp32, u = 1, an infinite Gumbel
+    noise that wins the draw whatever the logits (one token in 2**24: ~0.8% of draws over a 128k vocabulary)."""
+    return ((h >> 8).clamp(max=(1 << 24) - 2).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
 def split_key(key: int) -> tuple[int, int]:
@@ -194,9 +201,18 @@ def sample(
     return draw(logits, rows.temperature, rows.keys, steps, any_random, threshold)
 
 
+def neg_log(u: torch.Tensor) -> torch.Tensor:
+    """-log(u) for u in (0, 1), accurate near 1 too: there -log(u) ~ 1 - u, which a fast log (CUDA's
+    lg2.approx, as compiled kernels use) loses entirely -- it can even return 0, making that token's Gumbel
+    noise infinite. Below 1/16 of 1 - u, the series w + w^2/2 + ... + w^6/6 (relative error < 1e-8)."""
+    w = 1.0 - u  # exact for u >= 1/2
+    series = w * (1.0 + w * (0.5 + w * (1.0 / 3.0 + w * (0.25 + w * (0.2 + w * (1.0 / 6.0))))))
+    return torch.where(w < 0.0625, series, -torch.log(u))
+
+
 def _gumbel_argmax(scaled: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """scaled (S, V) fp32 temperature-scaled (filtered) logits -> Gumbel-max draws (S,) int64."""
-    gumbel = -torch.log(-torch.log(uniform_noise(keys, steps, scaled.shape[-1])))
+    gumbel = -torch.log(neg_log(uniform_noise(keys, steps, scaled.shape[-1])))
     return (scaled + gumbel).argmax(dim=-1)
 
 

@@ -50,11 +50,19 @@ if triton is not None:
         return h ^ (h >> 16)
 
     @triton.jit
+    def _neg_log(u):
+        """-log(u), accurate near 1 (sampler.neg_log: tl.log is lg2.approx on NVIDIA GPUs)."""
+        w = 1.0 - u
+        series = w * (1.0 + w * (0.5 + w * (1.0 / 3.0 + w * (0.25 + w * (0.2 + w * (1.0 / 6.0))))))
+        return tl.where(w < 0.0625, series, -tl.log(u))
+
+    @triton.jit
     def _gumbel(row_hash, offs):
         """Gumbel noise of vocab ids offs for a row whose (key, step) hash is row_hash (sampler.uniform_noise)."""
         h = _fmix32(row_hash ^ _fmix32(offs.to(tl.uint32) ^ 0x632BE5AB))
-        u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        return -tl.log(-tl.log(u))
+        m = tl.minimum(h >> 8, 16777214)  # as sampler.to_uniform: never 0 or 1
+        u = (m.to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        return -tl.log(_neg_log(u))
 
     @triton.jit
     def _argmax_above(logits_row, row_hash, inv_scale, pivot, V, BLOCK: tl.constexpr):

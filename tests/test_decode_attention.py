@@ -7,13 +7,9 @@ before triton is first imported, so that case runs in a subprocess).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
+from engine_helpers import run_under_triton_interpreter
 
 from rollout.engines.native import decode_attention as flash_decode
 from rollout.engines.native.kv_cache import KVCache
@@ -89,17 +85,8 @@ print("ok")
 
 @pytest.mark.slow
 def test_kernel_under_the_triton_interpreter_matches_reference() -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(INTERPRETED)],
-        env=env,
-        cwd=os.path.dirname(__file__),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    stdout = run_under_triton_interpreter(INTERPRETED)
+    assert stdout.strip() == "ok", stdout
 
 
 @pytest.mark.parametrize(

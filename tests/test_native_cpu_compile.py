@@ -9,10 +9,10 @@ compared at 1e-5 (as tests/test_native_engine.py and test_paged_kv.py do for eag
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
+from engine_helpers import one_thread, tokens_of  # noqa: F401 (one_thread: autouse)
 from hf_tiny_gen import build_tiny_llama
 
 from core.models import preset
@@ -24,18 +24,6 @@ pytestmark = pytest.mark.slow  # compiles
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 PROMPTS = [[1, 10, 11, 12], [1, 40, 41], list(range(3, 24)), [1, 7], list(range(50, 63))]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tokens_of(results: list[GenerationResult]) -> list[list[list[int]]]:
-    return [[s.token_ids for s in r.samples] for r in results]
 
 
 def logprobs_of(results: list[GenerationResult]) -> torch.Tensor:

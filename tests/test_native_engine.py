@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import one_thread, tokens_of  # noqa: F401 (one_thread: autouse)
 from hf_tiny_gen import EOS_ID, build_tiny_llama
 
 from core.bridge import export_hf_weights, load_hf
@@ -34,15 +35,6 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 # ---- fixtures and references -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls: one thread is several times faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +86,6 @@ def full_forward_greedy(
 
 def greedy(max_tokens: int, **kw: object) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
-
-
-def tokens_of(results: list[GenerationResult]) -> list[list[list[int]]]:
-    return [[s.token_ids for s in r.samples] for r in results]
 
 
 # ---- generation against HF -------------------------------------------------------------------

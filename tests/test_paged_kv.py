@@ -10,10 +10,10 @@ top-1/top-2 gaps at init std 0.3 (see test_native_engine.py). Logprobs are compa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
+from engine_helpers import one_thread, tokens_of  # noqa: F401 (one_thread: autouse)
 
 from core.models import preset
 from core.transformer.model import GPTModel
@@ -25,14 +25,6 @@ from rollout.types import GenerationRequest, GenerationResult, SamplingParams
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 PROMPTS = [[1, 10, 11, 12], [1, 40, 41], list(range(3, 24)), [1, 7], list(range(50, 63))]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(name: str = "llama_tiny") -> GPTModel:
@@ -47,10 +39,6 @@ def model() -> GPTModel:
 
 def greedy(max_tokens: int, **kw: object) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
-
-
-def tokens_of(results: list[GenerationResult]) -> list[list[list[int]]]:
-    return [[s.token_ids for s in r.samples] for r in results]
 
 
 def logprobs_of(results: list[GenerationResult]) -> list[float]:

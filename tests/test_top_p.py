@@ -4,13 +4,9 @@ against softmax; under the Triton interpreter on CPU and on a GPU."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
+from engine_helpers import run_under_triton_interpreter
 
 from rollout.engines.native.sampler import (
     Filters,
@@ -90,17 +86,8 @@ print("ok", retried)
 
 @pytest.mark.slow
 def test_kernel_under_the_triton_interpreter_draws_the_sort_paths_tokens() -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(INTERPRETED)],
-        env=env,
-        cwd=os.path.dirname(__file__),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
+    stdout = run_under_triton_interpreter(INTERPRETED)
+    assert stdout.startswith("ok"), stdout
 
 
 def test_gumbel_noise_is_finite_and_accurate_at_both_ends_of_the_hash() -> None:

@@ -65,14 +65,19 @@ if triton is not None:
         return -tl.log(_neg_log(u))
 
     @triton.jit
+    def _load_block(logits_row, start, V, BLOCK: tl.constexpr):
+        """Vocab ids [start, start + BLOCK) of a row, their mask and their logits in fp32 (-inf past V)."""
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < V
+        return offs, mask, tl.load(logits_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
+
+    @triton.jit
     def _argmax_above(logits_row, row_hash, inv_scale, pivot, V, BLOCK: tl.constexpr):
         """argmax over {i : l_i > pivot} of l_i * inv_scale + gumbel_i (first index on ties)."""
         best = -float("inf")
         best_idx = 0
         for start in range(0, V, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < V
-            lg = tl.load(logits_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
+            offs, mask, lg = _load_block(logits_row, start, V, BLOCK)
             s = tl.where(mask & (lg > pivot), lg * inv_scale + _gumbel(row_hash, offs), -float("inf"))
             blk = tl.max(s, axis=0)
             idx = tl.argmax(s, axis=0) + start
@@ -110,9 +115,7 @@ if triton is not None:
         arg_val = -float("inf")
         arg_idx = 0
         for start in range(0, V, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < V
-            lg = tl.load(logits_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
+            offs, mask, lg = _load_block(logits_row, start, V, BLOCK)
             blk = tl.max(lg, axis=0)
             idx = tl.argmax(lg, axis=0) + start
             better = blk > arg_val
@@ -140,9 +143,7 @@ if triton is not None:
                 l_x = tl.load(logits_row + token).to(tl.float32)
                 above = 0.0  # tempered probability mass strictly more likely than the draw
                 for start in range(0, V, BLOCK):
-                    offs = start + tl.arange(0, BLOCK)
-                    mask = offs < V
-                    lg = tl.load(logits_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
+                    offs, mask, lg = _load_block(logits_row, start, V, BLOCK)
                     p = tl.exp(lg * inv_scale - t_max)
                     above += tl.sum(tl.where(mask & (lg > l_x), p, 0.0), axis=0)
                 searching = above / t_sum >= top_p

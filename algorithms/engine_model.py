@@ -215,14 +215,27 @@ class EngineModel:
             from algorithms.trainer import RunDiverged
 
             raise RunDiverged(f"the weights are not finite: {path} not written")
-        dcp.save(self.engine.sharded_state(), checkpoint_id=str(path))
+        dcp.save(self.engine.sharded_state() | self._quantizer_entries(), checkpoint_id=str(path))
 
     def load(self, path: str | Path) -> None:
         """Restore model and optimizer state written by `save` (or the "model" part of a training
         checkpoint) at any layout. Collective."""
         template = self.engine.load_template(path)
+        quantizers = self._quantizer_entries()
+        if quantizers:
+            saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+            if not any(key in saved for key in quantizers):
+                raise InputError(f"{path} holds no quantizer scales: a checkpoint of a run without quantize:")
+        template.update(quantizers)  # in place: dcp.load replaces non-tensor entries in the dict it gets
         dcp.load(template, checkpoint_id=str(path))
         self.engine.finish_load(template)
+
+    def _quantizer_entries(self) -> dict[str, torch.Tensor]:
+        """QAT (algorithms/qat.py): {"quantizers.<module>.<quantizer>.<buffer>": the buffer itself}, the
+        same on every dp rank (tp = pp = 1); {} without quantizers."""
+        from algorithms.qat import quantizer_state
+
+        return {f"quantizers.{k}": v for k, v in quantizer_state(self.engine.chunks).items()}
 
 
 def last_position(response_mask: torch.Tensor) -> int:

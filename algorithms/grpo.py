@@ -397,6 +397,8 @@ class GRPOTrainer(Trainer):
         meta = model_meta(self.parts.model_config, self.parts.arch)
         if self.cfg.lora is not None:  # checkpoints hold base weights + adapters: the next stage merges them
             meta["lora"] = self.cfg.lora.model_dump(mode="json")
+        if self.cfg.quantize is not None:  # a record: the checkpoint's weights are the plain model's
+            meta["quantize"] = self.cfg.quantize.model_dump(mode="json")
         return meta
 
     @property
@@ -407,7 +409,8 @@ class GRPOTrainer(Trainer):
         write_hf(self.parts.policy.hf_weights(), self.parts.model_config, path, self.parts.tokenizer_dir)
 
     def export(self) -> Path:
-        """hf/ (LoRA adapters merged); with LoRA also adapter/ in PEFT's format."""
+        """hf/ (LoRA adapters merged); with LoRA also adapter/ in PEFT's format; with QAT also quantized/
+        (algorithms/qat.py: the unified HF checkpoint and modelopt_state.pth)."""
         from algorithms.trainer import publish_dir
 
         out = super().export()
@@ -415,7 +418,18 @@ class GRPOTrainer(Trainer):
             publish_dir(
                 self.run_dir / "adapter", lambda tmp: self.parts.policy.save_adapter(tmp, self.cfg.lora)
             )
+        if self.cfg.quantize is not None:
+            publish_dir(self.run_dir / "quantized", lambda tmp: self.write_quantized(out, Path(tmp)))
         return out
+
+    def write_quantized(self, hf_dir: Path, path: Path) -> None:
+        """QAT: quantized/ from the exported hf/ (the trained weights) and the policy's quantizer scales."""
+        from algorithms.qat import export_quantized, quantizer_state
+        from core.bridge import load_hf
+
+        state = quantizer_state(self.parts.policy.policy.engine.chunks)
+        model = load_hf(hf_dir).float()
+        export_quantized(model, state, self.cfg.quantize.format, self.parts.arch, self.tokenizer_dir, path)
 
 
 def write_hf(
@@ -521,6 +535,13 @@ def build_components(cfg: GRPOConfig, inputs: Inputs, device: torch.device) -> t
     full = load_init_model(inputs.source)
     model_config = full.config
     policy = build_policy(cfg, full, device)
+    if cfg.quantize is not None:  # the policy only: the reference stays the full-precision model
+        from algorithms.evaluation import encode_prompt
+        from algorithms.qat import quantize_policy
+
+        rows = inputs.train_rows[: cfg.quantize.calibration_samples]
+        prompts = [encode_prompt(inputs.tokenizer, row["prompt"]) for row in rows]
+        quantize_policy(policy.policy, cfg.quantize.format, prompts)
     reference = None
     if needs_reference(cfg):
         from algorithms.inprocess_policy import AdapterFreeReference
@@ -606,11 +627,11 @@ def build_generator(
     hf_dir = inputs.source.path if inputs.source.kind == "hf" else None
     if hf_dir is None:
         hf_dir = Path(cfg.run.dir) / "engine_init"
-        write_hf(policy.hf_weights(), policy.model_config, hf_dir, inputs.tokenizer_dir)
+        write_hf(policy.refit_weights(), policy.model_config, hf_dir, inputs.tokenizer_dir)
     engine = VLLMEngine(
         hf_dir, max_model_len=inputs.max_model_len, kv_cache_gib=cfg.rollout.kv_cache_gib, seed=cfg.train.seed
     )
-    return engine, lambda version: refit_engine(engine, policy.hf_weights(), version), False
+    return engine, lambda version: refit_engine(engine, policy.refit_weights(), version), False
 
 
 def check_for_run(cfg: GRPOConfig, stage: str = "grpo") -> Inputs:
@@ -621,8 +642,16 @@ def check_for_run(cfg: GRPOConfig, stage: str = "grpo") -> Inputs:
     from core.config import ParallelConfig
     from core.engine import check_compile_layout
 
+    if cfg.quantize is not None and cfg.on_ray:
+        raise InputError(
+            f"quantize: QAT in rl {stage} runs in one process for now; drop placement and parallel.*"
+        )
     inputs = check_inputs(cfg.model_copy(update={"parallel": ParallelConfig()}) if cfg.on_ray else cfg)
     config = init_config(inputs.source)
+    if cfg.quantize is not None:
+        from algorithms.quantize import check_blocks
+
+        check_blocks(cfg.quantize.format, config, "quantize.format")
     if cfg.on_ray and cfg.train.compile:
         check_compile_layout(cfg.parallel)
     if cfg.on_ray and cfg.parallel.world_size > 1:

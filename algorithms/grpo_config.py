@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from algorithms.async_rollout import AsyncRolloutConfig
 from algorithms.inprocess_policy import PolicyLossConfig
 from algorithms.model_config import SourceModelConfig
+from algorithms.qat import QATConfig
 from algorithms.trainer import LoopConfig
 from core.config import InputPath, LoraConfig, Placement, RayOptions, RunConfig, Schema
 
@@ -236,6 +237,9 @@ class GRPOConfig(LoopConfig):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     lora: LoraConfig | None = Field(
         None, description="train LoRA adapters only; the reference is the base (adapters disabled)"
+    )
+    quantize: QATConfig | None = Field(
+        None, description="quantization-aware training of the policy, in one process (algorithms/qat.py)"
     )
     weight_transport: Literal["auto", "process_group", "shared_memory", "object_store"] = Field(
         "auto",

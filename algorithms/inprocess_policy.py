@@ -79,6 +79,10 @@ class InProcessPolicy:
     def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         return self.policy.hf_weights()
 
+    def refit_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """What an engine fed by refit loads: hf_weights, fake-quantized under QAT (PolicyModel)."""
+        return self.policy.refit_weights()
+
     def save_adapter(self, path: str | Path, lora: LoraConfig) -> None:
         self.policy.save_adapter(path, lora)
 

@@ -310,6 +310,15 @@ class PolicyModel(EngineModel):
             stream = training_weights_to_hf(self.engine.chunks, self.groups, self.config, self.arch, dtype)
             yield from gather_to_rank0_over_pp(stream, self.groups, self.device)
 
+    def refit_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """`hf_weights` as the trained forward uses them, for an engine that reads weights only: with QAT
+        quantizers (algorithms/qat.py), each quantized weight fake-quantized with its smoothing applied;
+        otherwise the same stream. Collective like hf_weights."""
+        from algorithms.qat import fake_quantized_weights
+
+        with fake_quantized_weights(self.engine.chunks):
+            yield from self.hf_weights(dtype)
+
     def save_adapter(self, path: str | Path, lora: LoraConfig) -> None:
         """The LoRA adapters in PEFT's format (adapter_config.json + adapter_model.safetensors); collective,
         rank 0 writes."""

@@ -42,6 +42,18 @@ export  hf/ as every loop writes it (the trained weights, unquantized), and quan
         Read back with load_exported, the export evaluates like the QAT'd model in memory up to fp32
         rounding (the fold's different product order and transformers' forward against ours; tests/test_qat.py).
 
+RL (rl grpo, rl ppo: the policy; quantize_policy)  The quantizers go into the policy's engine,
+        calibrated on the first calibration_samples training prompts (one row per forward: no padding in
+        the activation statistics). The reference and the critic stay unquantized: the KL term pulls the
+        quantized policy towards the full-precision model it started from. The native engine generates
+        from the policy's own modules, quantizers included, so sampler and trainer logprobs agree as
+        without QAT. An engine fed by refit (vLLM) gets each weight as the trained forward uses it
+        (fake_quantized_weights: the weight quantizer's output times the input's smoothing scale): exact
+        for the weight-only formats (int4_awq); fp8 / int8_sq / w4a8_awq also quantize activations, which
+        such an engine does not, and the step's rollout/logprob_gap shows by how much. The policy's
+        checkpoint holds the quantizer buffers (algorithms/engine_model.py), and the export writes
+        quantized/ as above from hf/.
+
 Layouts: data parallelism only (tp = pp = cp = ep = 1). tp would shard the per-channel scales, the
 smoothing statistics and the int4 blocks of row-parallel inputs; pp would calibrate and export stage by
 stage: neither is written, and both are refused at the start, as are LoRA, train.compile and precision.fp8
@@ -52,6 +64,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -151,10 +164,60 @@ def insert_quantizers(engine: Any, name: str, micro_batches: list[dict[str, torc
     split_state(quantizer_state(engine.chunks))  # what the export will copy: known now, not after training
 
 
+def quantize_policy(policy: Any, name: str, prompts: Sequence[Sequence[int]]) -> None:
+    """RL QAT: the format's quantizers into a PolicyModel's engine (in place), calibrated by forwards of
+    the prompts' token ids, one row each."""
+    from algorithms.quantize import check_blocks
+
+    check_blocks(name, policy.config, "quantize.format")
+    device = policy.device
+    rows = [{"input_ids": torch.tensor([list(p)], dtype=torch.long, device=device)} for p in prompts]
+    insert_quantizers(policy.engine, name, rows)
+
+
+def modelopt_loaded() -> bool:
+    """Quantizers exist only once ModelOpt is imported: the checks below skip that import otherwise."""
+    return "modelopt.torch.quantization" in sys.modules
+
+
+@contextmanager
+def fake_quantized_weights(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Inside, every quantized linear's weight holds what its forward multiplies the (unquantized)
+    input by: weight_quantizer(W) (the 1/s smoothing and the fake quantization) times the input's
+    smoothing scale s per input column. Stream refit weights inside (rollout.refit); W is restored
+    exactly on exit. A no-op for chunks without quantizers. Activation quantization has no weight form:
+    an engine fed these weights computes with unquantized activations."""
+    if not modelopt_loaded():
+        yield
+        return
+    from modelopt.torch.quantization.nn import QuantModule
+
+    saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for chunk in chunks:
+                for module in chunk.modules():
+                    if not isinstance(module, QuantModule) or not hasattr(module, "weight_quantizer"):
+                        continue
+                    weight = module.weight
+                    effective = module.weight_quantizer(weight)  # (out, in)
+                    scale = getattr(module.input_quantizer, "pre_quant_scale", None)
+                    if scale is not None:
+                        effective = effective * scale.reshape(1, -1).to(effective.dtype)
+                    saved.append((weight, weight.data))
+                    weight.data = effective.to(weight.dtype)
+        yield
+    finally:
+        for weight, data in saved:
+            weight.data = data
+
+
 def quantizer_state(chunks: Sequence[torch.nn.Module]) -> dict[str, torch.Tensor]:
     """{"<module>.<weight|input>_quantizer.<buffer>": tensor}: every quantizer buffer (_amax,
     _pre_quant_scale) of the chunks under global module names, the buffers themselves (a DCP load writes
     into them)."""
+    if not modelopt_loaded():
+        return {}
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     state = {}

@@ -11,7 +11,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpus.txt"
 if [ "${TESTS:-1}" = 1 ]; then
   timeout "${TESTS_S:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider ${TEST_FILES:-tests/test_native_engine.py \
-    tests/test_decode_attention.py tests/test_paged_kv.py tests/test_top_p.py} 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+    tests/test_decode_attention.py tests/test_paged_kv.py tests/test_top_p.py} > "$OUT/gpu_tests_full.txt" 2>&1
+  tail -15 "$OUT/gpu_tests_full.txt" | tee "$OUT/gpu_tests.txt"
 fi
 if [ "${BENCH_A:-1}" = 1 ]; then
   timeout "${BENCH_A_S:-420}" python3 -m rl.cli bench generate --preset llama_1b --dtype bf16 --batch 256 --prompt-len 128 \

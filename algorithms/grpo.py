@@ -424,10 +424,10 @@ class GRPOTrainer(Trainer):
 
     def write_quantized(self, hf_dir: Path, path: Path) -> None:
         """QAT: quantized/ from the exported hf/ (the trained weights) and the policy's quantizer scales."""
-        from algorithms.qat import export_quantized, quantizer_state
+        from algorithms.qat import export_quantized
         from core.bridge import load_hf
 
-        state = quantizer_state(self.parts.policy.policy.engine.chunks)
+        state = self.parts.policy.quantizer_state()
         model = load_hf(hf_dir).float()
         export_quantized(model, state, self.cfg.quantize.format, self.parts.arch, self.tokenizer_dir, path)
 
@@ -642,10 +642,6 @@ def check_for_run(cfg: GRPOConfig, stage: str = "grpo") -> Inputs:
     from core.config import ParallelConfig
     from core.engine import check_compile_layout
 
-    if cfg.quantize is not None and cfg.on_ray:
-        raise InputError(
-            f"quantize: QAT in rl {stage} runs in one process for now; drop placement and parallel.*"
-        )
     inputs = check_inputs(cfg.model_copy(update={"parallel": ParallelConfig()}) if cfg.on_ray else cfg)
     config = init_config(inputs.source)
     if cfg.quantize is not None:

@@ -79,6 +79,12 @@ class InProcessPolicy:
     def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         return self.policy.hf_weights()
 
+    def quantizer_state(self) -> dict[str, torch.Tensor]:
+        """QAT: every quantizer buffer by module name ({} without quantizers)."""
+        from algorithms.qat import quantizer_state
+
+        return quantizer_state(self.policy.engine.chunks)
+
     def refit_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """What an engine fed by refit loads: hf_weights, fake-quantized under QAT (PolicyModel)."""
         return self.policy.refit_weights()

@@ -42,7 +42,8 @@ export  hf/ as every loop writes it (the trained weights, unquantized), and quan
         Read back with load_exported, the export evaluates like the QAT'd model in memory up to fp32
         rounding (the fold's different product order and transformers' forward against ours; tests/test_qat.py).
 
-RL (rl grpo, rl ppo: the policy; quantize_policy)  The quantizers go into the policy's engine,
+RL (rl grpo, rl ppo: the policy; quantize_policy, in-process or in each Ray policy worker)  The
+        quantizers go into the policy's engine,
         calibrated on the first calibration_samples training prompts (one row per forward: no padding in
         the activation statistics). The reference and the critic stay unquantized: the KL term pulls the
         quantized policy towards the full-precision model it started from. The native engine generates

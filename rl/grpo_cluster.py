@@ -141,11 +141,16 @@ class ClusterRun:
         return placed
 
     def _policy_spec(self, with_engine: bool) -> Any:
+        from algorithms.evaluation import encode_prompt
         from algorithms.grpo import logprob_temperature
         from algorithms.policy import PolicyLossConfig
         from rl.workers import PolicySpec
 
         cfg = self.cfg
+        calibration: tuple[tuple[int, ...], ...] = ()
+        if cfg.quantize is not None:
+            rows = self.inputs.train_rows[: cfg.quantize.calibration_samples]
+            calibration = tuple(tuple(encode_prompt(self.inputs.tokenizer, r["prompt"])) for r in rows)
         return PolicySpec(
             init_from=cfg.model.init_from,
             parallel=cfg.parallel,
@@ -159,6 +164,8 @@ class ClusterRun:
             engine=self._engine_spec() if with_engine else None,
             compile_layers=cfg.train.compile,
             lora=cfg.lora,
+            quantize=cfg.quantize,
+            calibration_prompts=calibration,
         )
 
     def _engine_spec(self, hf_dir: str | None = None) -> Any:

@@ -18,6 +18,7 @@ tokenizer. Tolerances (fp32): see `test_tp2_policy_group_matches_single_process`
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -208,28 +209,6 @@ def grpo_config(hf_dir: Path, run_dir: Path, **sections):
     return ClusterGRPOConfig(**base)
 
 
-def test_colocated_grpo_step_end_to_end(ray_cluster, hf_dir: Path, tmp_path: Path) -> None:
-    from core.bridge import load_hf
-    from core.utils.metrics import read_metrics
-    from rl.grpo_cluster import run_grpo_cluster
-
-    cfg = grpo_config(
-        hf_dir,
-        tmp_path / "run",
-        parallel={"dp": 2},
-        placement={"mode": "colocated", "num_bundles": 2},
-        algorithm={"loss": {"kl_coef": 0.01}},  # a reference group too
-    )
-    metrics = run_grpo_cluster(cfg)
-    for key in ("reward/mean", "train/loss", "train/kl", "train/grad_norm", "eval/accuracy", "time/refit"):
-        assert key in metrics, key
-    # generation split over the dp shards used the policy's own parameters: trainer == sampler
-    assert metrics["rollout/logprob_gap_max"] < 1e-4
-    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1]
-    assert (tmp_path / "run" / "checkpoints" / "step_1").is_dir()
-    load_hf(tmp_path / "run" / "hf")
-
-
 def test_colocated_grpo_with_lora_on_ray(ray_cluster, hf_dir: Path, tmp_path: Path) -> None:
     """LoRA on Ray: the policy workers train adapters only, their base (adapters disabled) is the
     reference (no reference group), generation samples from the adapted model (logprob gap ~0), and the
@@ -259,6 +238,40 @@ def test_colocated_grpo_with_lora_on_ray(ray_cluster, hf_dir: Path, tmp_path: Pa
     assert all((merged[k] - from_checkpoint[k]).abs().max() < 1e-6 for k in merged)
     base = load_hf(hf_dir).state_dict()
     assert any((merged[k] - base[k]).abs().max() > 1e-6 for k in merged)
+
+
+def test_colocated_qat_grpo_step_end_to_end(ray_cluster, hf_dir: Path, tmp_path: Path) -> None:
+    """A GRPO step on a dp2 group with colocated engines and a reference group, with quantize: on Ray: every policy rank calibrates the same fp8 scales on the first prompts, its
+    colocated engine samples through the quantized modules (trainer == sampler), the reference group
+    stays full precision, the checkpoint holds the scales and the run exports quantized/ beside hf/."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from core.bridge import load_hf
+    from core.utils.metrics import read_metrics
+    from rl.grpo_cluster import run_grpo_cluster
+
+    cfg = grpo_config(
+        hf_dir,
+        tmp_path / "run",
+        parallel={"dp": 2},
+        placement={"mode": "colocated", "num_bundles": 2},
+        algorithm={"loss": {"kl_coef": 0.01}},
+        quantize={"format": "fp8", "calibration_samples": 4},
+    )
+    metrics = run_grpo_cluster(cfg)
+    for key in ("reward/mean", "train/loss", "train/kl", "train/grad_norm", "eval/accuracy", "time/refit"):
+        assert key in metrics, key
+    # generation split over the dp shards used the policy's own (quantized) modules: trainer == sampler
+    assert metrics["rollout/logprob_gap_max"] < 1e-4
+    assert metrics["train/kl"] > 0  # the quantized policy against the full-precision reference
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1]
+    load_hf(tmp_path / "run" / "hf")
+    saved = FileSystemReader(str(tmp_path / "run/checkpoints/step_1/model")).read_metadata()
+    assert any(
+        k.startswith("quantizers.") and k.endswith("input_quantizer._amax") for k in saved.state_dict_metadata
+    )
+    quantized = json.loads((tmp_path / "run/quantized/hf/config.json").read_text())["quantization_config"]
+    assert quantized["quant_algo"] == "FP8"
 
 
 def test_disaggregated_refit_moves_the_weights(ray_cluster, hf_dir: Path, tmp_path: Path) -> None:

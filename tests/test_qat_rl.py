@@ -179,7 +179,7 @@ def test_rl_grpo_trains_through_quantizers_resumes_exactly_and_exports(model_64,
     "command, argv, says",
     [
         ("grpo", ["quantize.format=int4_awq"], "quantize.format"),  # hidden 64: int4's 128-blocks do not fit
-        ("grpo", ["quantize.format=fp8", "parallel.dp=2"], "parallel"),
+        ("grpo", ["quantize.format=fp8", "parallel.tp=2"], "data parallelism only"),
         ("grpo", ["quantize.format=nvfp4"], "needs a CUDA GPU"),
         ("grpo", ["quantize.format=fp8", "train.compile=true"], "train.compile"),
         ("ppo", ["quantize.format=int4_awq"], "quantize.format"),

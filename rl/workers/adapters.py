@@ -69,6 +69,10 @@ class RayPolicy(RayReference):
         state = self.group.run("hf_state", dispatch="all")[0]
         yield from state.items()
 
+    def quantizer_state(self) -> dict[str, torch.Tensor]:
+        """QAT: rank 0's quantizer buffers (data parallelism only: every rank holds the same)."""
+        return self.group.run("quantizer_state", dispatch="rank0")
+
     def save(self, path: str | Path) -> None:
         self.group.run("save", str(path), dispatch="all")
 

@@ -90,6 +90,10 @@ class PolicyWorker(EngineHostMixin, TrainedModelMixin, ReferenceWorker):
         self.close_weight_sender()
         self.engine = None
         super().setup()
+        if self.spec.quantize is not None:  # QAT: before the engine and any checkpoint load
+            from algorithms.qat import quantize_policy
+
+            quantize_policy(self.model, self.spec.quantize.format, self.spec.calibration_prompts)
         self.scheduler = build_scheduler(
             self.model.engine.optimizer, self.spec.total_optimizer_steps, self.spec.optim
         )
@@ -112,6 +116,12 @@ class PolicyWorker(EngineHostMixin, TrainedModelMixin, ReferenceWorker):
         for export and small models; refit streams instead (send_weights)."""
         state = {name: tensor.detach().cpu().clone() for name, tensor in self.model.hf_weights()}
         return state if self.rank == 0 else None
+
+    def quantizer_state(self) -> dict[str, torch.Tensor]:
+        """QAT: every quantizer buffer by module name, on the CPU ({} without quantizers)."""
+        from algorithms.qat import quantizer_state
+
+        return {k: v.detach().cpu().clone() for k, v in quantizer_state(self.model.engine.chunks).items()}
 
     def use_current_weights(self, version: int) -> int:
         """Colocated refit: the engine already reads the trained parameters; record the version."""
@@ -156,7 +166,7 @@ class PolicyWorker(EngineHostMixin, TrainedModelMixin, ReferenceWorker):
         """Collective over the policy ranks, concurrent with the engine workers' receive_weights."""
         from rollout.transport import send_weights
 
-        send_weights(self._sender, self.model.hf_weights(), version)
+        send_weights(self._sender, self.model.refit_weights(), version)
         return version
 
     def close_weight_sender(self) -> None:

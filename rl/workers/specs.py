@@ -12,6 +12,7 @@ from typing import Literal
 
 from algorithms.critic import ValueLossConfig
 from algorithms.policy import PolicyLossConfig
+from algorithms.qat import QATConfig
 from core.config import LoraConfig, OptimConfig, ParallelConfig, PrecisionConfig
 
 
@@ -48,6 +49,10 @@ class PolicySpec:
     engine: EngineSpec | None = None  # colocated generation on the policy's own parameters
     compile_layers: bool = False  # torch.compile each transformer layer (ModelEngine)
     lora: LoraConfig | None = None  # train LoRA adapters only; the base (adapters off) is the reference
+    # QAT (algorithms/qat.py): the policy worker (not the reference) inserts the format's quantizers,
+    # calibrated on these prompts' token ids
+    quantize: QATConfig | None = None
+    calibration_prompts: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -34,12 +34,19 @@ report: venv
 screenshot:
 	bash scripts/screenshot_report.sh runs/pipeline_tiny
 
+# Two pytest-xdist workers, each taking whole test files (module fixtures are built once): the Ray,
+# multi-process and engine tests spend much of their time waiting (process and actor starts, deadlines),
+# which the other worker fills. Each worker computes on one thread (tests/conftest.py). TEST_JOBS=0: one
+# process.
+TEST_JOBS ?= 2
+XDIST := $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile)
+
 test: venv
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q tests $(XDIST) $(ARGS)
 
 # Everything but the multi-process, Ray, engine and end-to-end tests (marked slow): run after every change.
 test-fast: venv
-	$(PY) -m pytest -q tests -m "not slow" $(ARGS)
+	$(PY) -m pytest -q tests -m "not slow" $(XDIST) $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

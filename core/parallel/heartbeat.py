@@ -11,7 +11,8 @@ Two signals per rank, both written into a `board` that the monitor reads:
 The monitor is never a rank (a stopped process freezes all of its threads): the parent launcher for
 spawned ranks (launch.py, over a SharedBoard in shared memory), the Ray driver for a worker group (over
 a BeatTable in a small actor). `find_hang` declares rank r hung when
-- its liveness is older than hang_timeout_s: the process is frozen, whatever its phase; or
+- its liveness is older than hang_timeout_s: the process is frozen, whatever its phase but "done" (an
+  exiting rank stops its liveness thread); or
 - its progress is older than its phase's limit: hang_timeout_s inside a training step or a log step,
   long_phase_timeout_s for the phases that are legitimately long and rare: start-up (data, model build,
   resume), the first step of a process (compilation, allocator warm-up), saves, evaluations, the export.
@@ -107,14 +108,18 @@ class Hang:
 def find_hang(beats: list[RankBeat], policy: HangPolicy, world_size: int | None = None) -> Hang | None:
     """The hung rank, if any rank of `beats` (of a world of world_size, default len(beats)) is past its
     limit (see the module docstring)."""
+    # A rank in "done" has finished its work and stops its liveness thread as it exits (tearing down its
+    # process groups and interpreter can take seconds on a busy machine): only its progress limit counts.
+    lively = [b for b in beats if b.phase != "done"]
     late = [
         b
         for b in beats
-        if b.alive_age_s > policy.hang_timeout_s or b.progress_age_s > policy.limit(b.phase, b.warm)
+        if (b in lively and b.alive_age_s > policy.hang_timeout_s)
+        or b.progress_age_s > policy.limit(b.phase, b.warm)
     ]
     if not late:
         return None
-    frozen = [b for b in beats if b.alive_age_s > policy.frozen_after_s]
+    frozen = [b for b in lively if b.alive_age_s > policy.frozen_after_s]
     if frozen:
         culprit = max(frozen, key=lambda b: b.alive_age_s)
     else:

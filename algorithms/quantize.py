@@ -371,7 +371,27 @@ def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.where(both >= 8, both - 16, both)
 
 
-def _dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+# FP4 (E2M1) values of the 16 nibbles: sign bit 3, then 0, 0.5, 1, 1.5, 2, 3, 4, 6
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def _unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """(out, in/2) uint8, two E2M1 nibbles of consecutive input channels per byte (low nibble first:
+    ModelOpt's NVFP4QTensor) -> (out, in) fp32."""
+    nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    return torch.tensor(E2M1, device=packed.device)[nibbles.long()]
+
+
+def _dequantize(
+    weight: torch.Tensor, scale: torch.Tensor, scale_2: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The fp32 weight of an exported one. int4 (int4_awq, w4a8_awq): nibble * its block's scale;
+    nvfp4: E2M1 value * its 16-block's fp8 scale * the tensor's weight_scale_2; fp8 / int8: value *
+    per-tensor or per-channel scale."""
+    if weight.dtype == torch.uint8 and scale_2 is not None and scale.dtype == torch.float8_e4m3fn:
+        q = _unpack_fp4(weight)  # nvfp4: scale (out, in / 16) in fp8, scale_2 ()
+        block_scale = scale.float() * scale_2.float()
+        return q * block_scale.repeat_interleave(q.shape[1] // scale.shape[1], dim=1)
     if weight.dtype == torch.uint8:  # int4, one scale per block of input channels: scale (out, in/block)
         q = _unpack_int4(weight).float()
         return q * scale.float().repeat_interleave(q.shape[1] // scale.shape[1], dim=1)
@@ -405,12 +425,13 @@ def load_exported(path: str | Path) -> torch.nn.Module:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(run_device())
-    extras = (".weight_scale", ".input_scale", ".pre_quant_scale")
+    extras = (".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale")
     plain = {k: v for k, v in tensors.items() if not k.endswith(extras)}
     for key in plain:
-        scale = tensors.get(key.removesuffix(".weight") + ".weight_scale")
+        module_name = key.removesuffix(".weight")
+        scale = tensors.get(module_name + ".weight_scale")
         if key.endswith(".weight") and scale is not None:
-            plain[key] = _dequantize(plain[key], scale)
+            plain[key] = _dequantize(plain[key], scale, tensors.get(module_name + ".weight_scale_2"))
     missing, unexpected = model.load_state_dict(
         {k: v.to(run_device()) for k, v in plain.items()}, strict=False
     )
@@ -420,18 +441,30 @@ def load_exported(path: str | Path) -> torch.nn.Module:
     recipe["algorithm"] = "max"
     with torch.no_grad():
         model = mtq.quantize(model, recipe, None)  # None: weight-only calibration (the dequantized weights)
+    from modelopt.torch.quantization.nn import SequentialQuantizer
+
+    # nvfp4 exports per-tensor scales amax / (6 * 448) (E2M1's and E4M3's largest values); its 16-blocks'
+    # scales are recomputed from the weights by the (dynamic) block quantizer, so they set nothing here
+    global_bound = 6.0 * 448.0 if name == "nvfp4" else None
     modules = dict(model.named_modules())
     for key, value in tensors.items():
         module_name, _, kind = key.rpartition(".")
-        if kind == "weight_scale":  # (), (out,) or (out, in / block) -> the quantizer's amax layout
+        value = value.float().to(run_device())
+        if kind in ("weight_scale", "weight_scale_2"):
             quantizer = modules[module_name].weight_quantizer
-            amax = value.float().to(run_device()) * quantizer.maxbound
-            quantizer.amax = amax.reshape(quantizer.amax.shape)
+            if isinstance(quantizer, SequentialQuantizer):  # w4a8_awq: int4 blocks, then fp8 per tensor
+                quantizer = quantizer[0] if kind == "weight_scale" else quantizer[1]
+            elif global_bound is not None:
+                if kind == "weight_scale_2":
+                    quantizer.amax = (value * global_bound).reshape(quantizer.amax.shape)
+                continue
+            # (), (out,) or (out, in / block) -> the quantizer's amax layout
+            quantizer.amax = (value * quantizer.maxbound).reshape(quantizer.amax.shape)
         elif kind == "input_scale":
             quantizer = modules[module_name].input_quantizer
-            quantizer.amax = (value.float().to(run_device()) * quantizer.maxbound).reshape(())
+            quantizer.amax = (value * (global_bound or quantizer.maxbound)).reshape(())
         elif kind == "pre_quant_scale":
-            modules[module_name].input_quantizer.pre_quant_scale = value.float().to(run_device())
+            modules[module_name].input_quantizer.pre_quant_scale = value
     return model
 
 

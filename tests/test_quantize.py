@@ -204,3 +204,56 @@ def test_modelopt_quantizes_our_parallel_linears_trains_and_restores(tmp_path):
     mto.save(model, str(tmp_path / "modelopt_state.pth"))
     restored = mto.restore(GPTModel(tiny_llama_config()), str(tmp_path / "modelopt_state.pth"))
     torch.testing.assert_close(restored(tokens), model(tokens), rtol=0, atol=0)
+
+
+# ---- the CUDA formats' exports, read back (the formats run on a GPU; their packing is checked here) ------
+
+
+def test_a_w4a8_awq_export_reads_back_as_the_model_in_memory(tmp_path):
+    """w4a8_awq (int4 blocks of 128, then an fp8 step per tensor; fp8 activations) calibrates and exports
+    on the CPU too: load_exported gives the exported model's logits exactly (weight_scale -> the int4
+    quantizer, weight_scale_2 -> the fp8 one)."""
+    import copy
+    import dataclasses
+
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+    from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
+    from tiny_llama import tiny_llama_config
+
+    from algorithms.quantize import load_exported, load_hf_model
+    from core.bridge import save_hf
+    from core.transformer.model import GPTModel
+
+    config = dataclasses.replace(
+        tiny_llama_config(num_kv_heads=1, init_std=None), hidden_size=128, ffn_hidden_size=256, head_dim=64
+    )
+    torch.manual_seed(0)
+    save_hf(GPTModel(config), tmp_path / "source")
+    model = load_hf_model(tmp_path / "source")
+    tokens = torch.randint(0, 64, (4, 16))
+    model = mtq.quantize(model, copy.deepcopy(mtq.W4A8_AWQ_BETA_CFG), lambda m: m(tokens))
+    with torch.no_grad():
+        requantize_resmooth_fused_llm_layers(model)  # what the export does first (rl quantize does too)
+        want = model(input_ids=tokens).logits
+        export_hf_checkpoint(model, export_dir=tmp_path / "w4a8")
+        saved = json.loads((tmp_path / "w4a8/hf_quant_config.json").read_text())["quantization"]
+        assert saved["quant_algo"] == "W4A8_AWQ"
+        got = load_exported(tmp_path / "w4a8")(input_ids=tokens, use_cache=False).logits
+    assert torch.equal(got, want)
+
+
+def test_nvfp4_weights_unpack_like_modelopt():
+    """nvfp4's packed weight (two E2M1 nibbles per byte, low first) times its fp8 16-block scales and the
+    per-tensor weight_scale_2 is ModelOpt's own dequantization."""
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    from algorithms.quantize import _dequantize
+
+    torch.manual_seed(0)
+    weight = torch.randn(8, 64)
+    packed, scale, scale_2 = NVFP4QTensor.quantize(weight, 16)
+    want = packed.dequantize(torch.float32, scale=scale, double_scale=scale_2, block_sizes={-1: 16})
+    got = _dequantize(packed._quantized_data, scale, scale_2)
+    assert scale.dtype == torch.float8_e4m3fn and torch.equal(got, want)
+    assert (got - weight).abs().max() < 0.5 * weight.abs().max()  # a 4-bit copy of the weight, not noise

@@ -138,13 +138,18 @@ def fit_watched(group: WorkerGroup, hang: HangPolicy | None) -> dict[str, float]
     try:
         pending = group.call("fit", board, dispatch="all", timeout_s=RUN_TIMEOUT_S)
         refs = pending.refs  # rank order
+        read = None  # the board read in flight
         while True:
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=POLL_S)
             if len(done) == len(refs) or any(_failed(ref) for ref in done):
                 return group.get(pending)[0]
             if hang is None:
                 continue
-            beats = [b for b in ray.get(board.read.remote(), timeout=60) if refs[b.rank] not in done]
+            read = read or board.read.remote()
+            if not ray.wait([read], timeout=0)[0]:
+                continue  # the board actor is still starting (a busy machine): no news yet, not an error
+            beats = [b for b in ray.get(read) if refs[b.rank] not in done]  # ages as of the read
+            read = None
             found = find_hang(beats, hang, group.world_size)  # ranks that finished are not waited for
             if found is not None:
                 raise WorkerGroupError(group.name, found.beat.rank, "ALIVE", str(found))

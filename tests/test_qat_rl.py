@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import one_thread  # noqa: F401 (autouse fixture)
 from tiny_llama import tiny_llama_config
 
 from rl.cli import main
@@ -35,14 +36,6 @@ FAST = [
     "optim.warmup_steps=0",
     "precision.dtype=fp32",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_hf(root: Path, hidden: int) -> Path:
